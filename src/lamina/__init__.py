@@ -1,0 +1,38 @@
+"""Lamina: write a neural-network layer once, as plain array code; run, train and save it on PyTorch,
+JAX and NumPy.
+
+>>> import lamina as lm
+>>> class CenteredLayer(lm.Module):
+...     def forward(self, X):
+...         return X - X.mean()
+
+Importing lamina imports no backend; a backend's library is imported the first time it is used.
+"""
+
+from . import init, ops
+from .backends import available_backends, backend_of, get_backend, set_backend
+from .errors import (BackendError, CheckpointError, DeviceError, LaminaError, LayerError, ModuleError, ShapeError,
+                     UninitializedParameterError)
+from .functional import functional_call, value_and_grad
+from .init import manual_seed
+from .layers import (GELU, Flatten, Identity, LeadingFourier, LeakyReLU, Linear, LogSoftmax, ModuleDict, ModuleList,
+                     ReLU, Sequential, Sigmoid, Softmax, Tanh, TensorReduction)
+from .module import Module
+from .parameter import Buffer, Parameter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # core
+    "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
+    # backends
+    "set_backend", "get_backend", "backend_of", "available_backends",
+    # pure functions and gradients
+    "functional_call", "value_and_grad",
+    # layers
+    "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU", "Softmax",
+    "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",
+    # errors
+    "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
+    "UninitializedParameterError", "CheckpointError",
+]

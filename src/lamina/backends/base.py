@@ -1,0 +1,191 @@
+"""The adapter interface that every backend implements, with generic Array-API code as the default.
+
+Only the modules in this package know which backend is which. Everything else in Lamina asks an adapter
+(``backend.asarray``, ``backend.relu``, ...). A backend subclass overrides a generic method where its
+native kernel is measurably faster (DESIGN.md, rule 3); everything it does not override runs through the
+``array_api_compat`` namespace, resolved once per adapter rather than once per operation.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+
+from ..errors import BackendError, DeviceError
+
+# Python values that pass through a layer call untouched, next to the backend's own array types.
+PASSTHROUGH_TYPES = (int, float, bool, complex, str, type(None), slice, type(Ellipsis))
+
+DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
+          "complex64", "complex128")
+
+
+class Backend:
+    """One array library seen through Lamina's eyes. Subclasses: numpy, torch, jax."""
+
+    name = "?"
+    #: human name of the array type, used in error messages ("torch.Tensor")
+    array_name = "?"
+    has_autodiff = False
+
+    def __init__(self):
+        self.native_types: set[type] = set(PASSTHROUGH_TYPES)
+
+    # ----- arrays ------------------------------------------------------------------------------------
+    def is_native(self, x) -> bool:
+        """True when ``x`` is an array of this backend (including tracers and subclasses)."""
+        raise NotImplementedError
+
+    def dtype(self, name: str):
+        """The backend's dtype object for a dtype name such as ``"float32"``."""
+        raise NotImplementedError
+
+    def dtype_name(self, x) -> str:
+        """The dtype name of an array of this backend."""
+        return str(x.dtype).removeprefix("torch.")
+
+    def from_numpy(self, a: np.ndarray, device: str | None = None):
+        """A backend array with the values of the NumPy array ``a`` (a copy, or a view where safe)."""
+        raise NotImplementedError
+
+    def to_numpy(self, x) -> np.ndarray:
+        """The values of ``x`` as a NumPy array on the host."""
+        return np.asarray(x)
+
+    def from_other(self, x, device: str | None = None):
+        """Convert an array of another backend, zero-copy through DLPack where both sides allow it."""
+        try:
+            return self.to_device(self._from_dlpack(x), device)
+        except Exception:  # DLPack refused (other device, odd dtype, old library): copy through host
+            return self.from_numpy(np.array(x.detach().cpu() if hasattr(x, "detach") else x), device)
+
+    def _from_dlpack(self, x):
+        raise NotImplementedError
+
+    def make_parameter(self, value, trainable: bool):
+        """The array to hand to ``forward`` for a parameter (a ``torch.nn.Parameter`` on torch)."""
+        return value
+
+    def assign(self, old, new):
+        """Store ``new`` as a parameter's value. Returns the array to keep: ``old`` written in place where
+        the backend has mutable arrays and the shapes and dtypes agree (so optimizers and other holders of
+        ``old`` see the change, as with ``torch.nn.Module.load_state_dict``), else ``new``."""
+        return new
+
+    def copy(self, x):
+        return self.xp.asarray(x, copy=True)
+
+    def no_grad(self):
+        return nullcontext()
+
+    # ----- devices -----------------------------------------------------------------------------------
+    def devices(self) -> list[str]:
+        return ["cpu"]
+
+    def default_device(self) -> str:
+        return "cpu"
+
+    def device_of(self, x) -> str:
+        return "cpu"
+
+    def to_device(self, x, device: str | None):
+        if device is None or device == "cpu":
+            return x
+        raise DeviceError(f"the {self.name} backend has no device {device!r}; it has {self.devices()}")
+
+    def check_device(self, device: str) -> str:
+        """Normalise a device name and check that the backend has it."""
+        device = normalise_device(device)
+        if device not in self.devices():
+            raise DeviceError(f"the {self.name} backend has no device {device!r}; available: {self.devices()}")
+        return device
+
+    # ----- autodiff ----------------------------------------------------------------------------------
+    def value_and_grad(self, f, params: dict, has_aux: bool = False):
+        raise BackendError(
+            f"the {self.name} backend has no automatic differentiation, so it cannot compute gradients; "
+            "train on torch or jax (lm.set_backend('torch') or model.to(backend='jax')) and load the "
+            "weights here for inference"
+        )
+
+    # ----- ops: generic Array-API versions; backends override the hot ones --------------------------
+    def relu(self, x):
+        return self.xp.where(x > 0, x, self.xp.zeros_like(x))
+
+    def leaky_relu(self, x, negative_slope: float = 0.01):
+        return self.xp.where(x > 0, x, x * negative_slope)
+
+    def sigmoid(self, x):
+        return 1.0 / (1.0 + self.xp.exp(-x))
+
+    def tanh(self, x):
+        return self.xp.tanh(x)
+
+    def gelu(self, x, approximate: bool = False):
+        xp = self.xp
+        if approximate:
+            return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1.0 + _erf(xp, x / math.sqrt(2.0)))
+
+    def logsumexp(self, x, axis=-1, keepdims: bool = False):
+        xp = self.xp
+        m = xp.max(x, axis=axis, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+        out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+        return out if keepdims else xp.squeeze(out, axis=axis)
+
+    def log_softmax(self, x, axis: int = -1):
+        return x - self.logsumexp(x, axis=axis, keepdims=True)
+
+    def softmax(self, x, axis: int = -1):
+        xp = self.xp
+        e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+        return e / xp.sum(e, axis=axis, keepdims=True)
+
+    def einsum(self, subscripts: str, *operands):
+        return self.xp.einsum(subscripts, *operands)
+
+    def linear(self, x, weight, bias=None):
+        y = x @ weight
+        return y if bias is None else y + bias
+
+    def rfft(self, x):
+        return self.xp.fft.rfft(x)
+
+    def dropout(self, x, rate: float, training: bool = True, key=None):
+        if not training or rate == 0.0:
+            return x
+        if rate >= 1.0:
+            return x * 0
+        rng = np.random.default_rng(key)
+        keep = self.from_numpy(rng.random(tuple(x.shape)) >= rate, self.device_of(x))
+        return self.xp.where(keep, x / (1.0 - rate), self.xp.zeros_like(x))
+
+    def __repr__(self) -> str:
+        return f"<lamina backend {self.name!r}>"
+
+
+def normalise_device(device) -> str:
+    """Lamina's device names: ``"cpu"``, ``"cuda:0"``, ... (``"cuda"`` means ``"cuda:0"``)."""
+    device = str(device).lower()
+    if device in ("cpu:0",):
+        return "cpu"
+    if device in ("cuda", "gpu", "gpu:0"):
+        return "cuda:0"
+    if device.startswith("gpu:"):
+        return "cuda:" + device[4:]
+    return device
+
+
+def _erf(xp, x):
+    # Abramowitz & Stegun 7.1.26 is only good to 1.5e-7 absolute; the Numerical Recipes erfc
+    # Chebyshev fit below is good to 1.2e-7 relative, well inside float32, using only exp.
+    z = xp.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    erfc = t * xp.exp(poly)
+    return xp.where(x >= 0, 1.0 - erfc, erfc - 1.0)

@@ -1,0 +1,134 @@
+"""The JAX backend. Parameters are plain ``jax.Array``s; a model runs as a pure function of its
+``{path: array}`` dict (``lm.functional_call``) under ``jax.jit``, ``jax.grad`` and ``jax.vmap``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import BackendError, DeviceError
+from .base import Backend, normalise_device
+
+_ArrayImpl = type(jnp.zeros(()))  # the concrete (non-traced) array type
+
+
+def _jax_device_name(d) -> str:
+    platform = "cuda" if d.platform == "gpu" else d.platform
+    return "cpu" if platform == "cpu" and d.id == 0 else f"{platform}:{d.id}"
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    array_name = "jax.Array"
+    has_autodiff = True
+
+    def __init__(self):
+        super().__init__()
+        import array_api_compat
+
+        self.xp = array_api_compat.array_namespace(jnp.zeros(()))
+        self.native_types.add(_ArrayImpl)
+
+    def is_native(self, x) -> bool:
+        return isinstance(x, jax.Array)  # tracers under jit/grad/vmap are jax.Arrays too
+
+    def dtype(self, name):
+        try:
+            return jnp.dtype(name)
+        except TypeError as e:
+            raise BackendError(f"the jax backend has no dtype {name!r}") from e
+
+    def dtype_name(self, x):
+        return str(x.dtype)
+
+    def from_numpy(self, a, device=None):
+        return jax.device_put(np.asarray(a), self._device(device))
+
+    def _from_dlpack(self, x):
+        return jnp.from_dlpack(x.detach() if hasattr(x, "detach") else x)
+
+    def copy(self, x):
+        return jnp.array(x, copy=True)
+
+    # ----- devices -----------------------------------------------------------------------------------
+    def devices(self):
+        return [_jax_device_name(d) for d in jax.devices()] + (
+            [] if jax.default_backend() == "cpu" else [_jax_device_name(d) for d in jax.devices("cpu")])
+
+    def default_device(self):
+        return _jax_device_name(jax.devices()[0])
+
+    def device_of(self, x):
+        try:
+            return _jax_device_name(next(iter(x.devices())))
+        except Exception:  # a tracer has no device
+            return self.default_device()
+
+    def _device(self, device):
+        if device is None:
+            return None
+        device = normalise_device(device)
+        for d in jax.devices() + (jax.devices("cpu") if jax.default_backend() != "cpu" else []):
+            if _jax_device_name(d) == device:
+                return d
+        raise DeviceError(f"the jax backend has no device {device!r}; available: {self.devices()}")
+
+    def to_device(self, x, device):
+        return x if device is None else jax.device_put(x, self._device(device))
+
+    # ----- autodiff ----------------------------------------------------------------------------------
+    def value_and_grad(self, f, params, has_aux=False):
+        return jax.value_and_grad(f, has_aux=has_aux)(params)
+
+    # ----- native ops --------------------------------------------------------------------------------
+    # Eager jax.nn.relu costs ~100 us (custom_jvp dispatch) against ~9 us for jnp.maximum, but
+    # maximum's gradient at 0 is 0.5 where torch's and jax.nn.relu's is 0. Only traced arrays can be
+    # differentiated, so concrete arrays take the fast path and tracers get jax.nn's gradient.
+    def relu(self, x):
+        if type(x) is _ArrayImpl:
+            return jnp.maximum(x, 0)
+        return jax.nn.relu(x)
+
+    def leaky_relu(self, x, negative_slope=0.01):
+        return jax.nn.leaky_relu(x, negative_slope)
+
+    def sigmoid(self, x):
+        return jax.nn.sigmoid(x)
+
+    def tanh(self, x):
+        return jnp.tanh(x)
+
+    def gelu(self, x, approximate=False):
+        return jax.nn.gelu(x, approximate=approximate)
+
+    def softmax(self, x, axis=-1):
+        return jax.nn.softmax(x, axis=axis)
+
+    def log_softmax(self, x, axis=-1):
+        return jax.nn.log_softmax(x, axis=axis)
+
+    def logsumexp(self, x, axis=-1, keepdims=False):
+        return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
+
+    einsum = staticmethod(jnp.einsum)
+
+    def linear(self, x, weight, bias=None):
+        y = x @ weight
+        return y if bias is None else y + bias
+
+    def rfft(self, x):
+        return jnp.fft.rfft(x)
+
+    def dropout(self, x, rate, training=True, key=None):
+        if not training or rate == 0.0:
+            return x
+        if key is None:
+            raise BackendError(
+                "dropout on the jax backend needs a random key: pass key=jax.random.key(...) "
+                "(jax has no hidden global random state)"
+            )
+        if not isinstance(key, jax.Array):
+            key = jax.random.key(key)
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)

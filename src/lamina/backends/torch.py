@@ -1,0 +1,139 @@
+"""The PyTorch backend. Parameter values are ``torch.nn.Parameter``s, so ``loss.backward()``,
+``torch.optim``, ``torch.compile`` and ``torch.func`` work on them as on any torch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendError, DeviceError
+from .base import Backend, normalise_device
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    array_name = "torch.Tensor"
+    has_autodiff = True
+
+    def __init__(self):
+        super().__init__()
+        import array_api_compat.torch as xp
+
+        self.xp = xp
+        self.native_types.update({torch.Tensor, torch.nn.Parameter})
+
+    def is_native(self, x) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def dtype(self, name: str):
+        dt = getattr(torch, name, None)
+        if not isinstance(dt, torch.dtype):
+            raise BackendError(f"the torch backend has no dtype {name!r}")
+        return dt
+
+    def from_numpy(self, a, device=None):
+        if a.dtype.name == "bfloat16":  # ml_dtypes bfloat16: reinterpret the bits
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).clone()
+        else:
+            t = torch.from_numpy(np.array(a, copy=True))
+        return self.to_device(t, device)
+
+    def to_numpy(self, x):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+
+    def _from_dlpack(self, x):
+        return torch.from_dlpack(x)
+
+    def make_parameter(self, value, trainable):
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad == trainable:
+            return value
+        return torch.nn.Parameter(value.detach(), requires_grad=trainable and value.is_floating_point())
+
+    def assign(self, old, new):
+        if (isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype
+                and old.device == new.device):
+            with torch.no_grad():
+                old.copy_(new)
+            return old
+        return new
+
+    def copy(self, x):
+        return x.detach().clone()
+
+    def no_grad(self):
+        return torch.no_grad()
+
+    # ----- devices -----------------------------------------------------------------------------------
+    def devices(self):
+        found = ["cpu"]
+        if torch.cuda.is_available():
+            found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return found
+
+    def default_device(self):
+        return "cpu"
+
+    def device_of(self, x):
+        return normalise_device(x.device)
+
+    def to_device(self, x, device):
+        if device is None:
+            return x
+        device = normalise_device(device)
+        if device not in self.devices():
+            raise DeviceError(f"the torch backend has no device {device!r}; available: {self.devices()}")
+        return x.to(device)
+
+    # ----- autodiff ----------------------------------------------------------------------------------
+    def value_and_grad(self, f, params, has_aux=False):
+        paths = [p for p, v in params.items() if v.requires_grad]
+        with torch.enable_grad():
+            out = f(params)
+            loss = out[0] if has_aux else out
+            grads = torch.autograd.grad(loss, [params[p] for p in paths], allow_unused=True)
+        grads = {p: torch.zeros_like(params[p]) if g is None else g for p, g in zip(paths, grads)}
+        return (out if has_aux else loss.detach()), grads
+
+    # ----- native ops --------------------------------------------------------------------------------
+    relu = staticmethod(torch.relu)
+    tanh = staticmethod(torch.tanh)
+    sigmoid = staticmethod(torch.sigmoid)
+
+    def leaky_relu(self, x, negative_slope=0.01):
+        return F.leaky_relu(x, negative_slope)
+
+    def gelu(self, x, approximate=False):
+        return F.gelu(x, approximate="tanh" if approximate else "none")
+
+    def softmax(self, x, axis=-1):
+        return torch.softmax(x, axis)
+
+    def log_softmax(self, x, axis=-1):
+        return torch.log_softmax(x, axis)
+
+    def logsumexp(self, x, axis=-1, keepdims=False):
+        return torch.logsumexp(x, axis, keepdims)
+
+    einsum = staticmethod(torch.einsum)
+
+    def linear(self, x, weight, bias=None):
+        # Lamina's weights are (in, out); addmm on 2-D input is the cheapest kernel for that layout
+        # (measured 4.7 us vs 6.2 us for F.linear with an (out, in) weight on a (2, 64) input).
+        if bias is not None and x.ndim == 2:
+            return torch.addmm(bias, x, weight)
+        y = torch.matmul(x, weight)
+        return y if bias is None else y + bias
+
+    def rfft(self, x):
+        return torch.fft.rfft(x)
+
+    def dropout(self, x, rate, training=True, key=None):
+        if key is None:
+            return F.dropout(x, rate, training)
+        return super().dropout(x, rate, training, key)

@@ -1,0 +1,182 @@
+"""Initializers and seeding.
+
+An initializer is any callable ``init(shape, rng) -> array`` where ``shape`` is a tuple of ints and ``rng``
+a ``numpy.random.Generator``; it returns the values as a NumPy array (or anything ``numpy.asarray``
+accepts), which Lamina casts to the parameter's dtype and moves to its backend and device. Because every
+value is drawn with NumPy, one seed gives bit-identical initial weights on every backend.
+
+Each parameter draws from its own random stream, derived from three things: the seed in force when the
+parameter was created (``lm.manual_seed``), the order in which whole models were first initialized
+since then, and the parameter's dotted path in its model. So the values do not depend on the order in
+which the layers inside a model are built, two models built one after the other still differ, and the
+same script gives the same weights on every run and backend.
+
+The fan rules used by the Xavier and Kaiming initializers (``fans(shape)``): a 2-D weight is
+``(in, out)`` as in ``X @ W``; a weight with 3 or more axes is ``(out, in, *kernel)`` as in a
+convolution; a 1-D parameter has fan-in and fan-out equal to its length.
+
+>>> import lamina as lm
+>>> w = lm.init.xavier_uniform()((4, 3), lm.init.rng_for("w"))
+>>> w.shape
+(4, 3)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = [
+    "Initializer", "zeros", "ones", "constant", "normal", "uniform", "xavier_uniform", "xavier_normal",
+    "kaiming_uniform", "kaiming_normal", "fans", "manual_seed", "rng_for",
+]
+
+InitFn = Callable[[tuple, np.random.Generator], "np.ndarray"]
+
+# The process starts with a random seed (like torch and numpy): without lm.manual_seed, runs differ.
+_seed = {"seed": secrets.randbits(63), "models": 0}
+
+
+def manual_seed(seed: int) -> None:
+    """Make initial values reproducible: same seed, same weights, on every backend.
+
+    Applies to parameters created after the call.
+    """
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _seed["seed"] = int(seed)
+    _seed["models"] = 0
+
+
+def current_seed() -> int:
+    return _seed["seed"]
+
+
+def next_model_index() -> int:
+    """A number for the next model whose parameters are drawn (so two identical models still differ)."""
+    _seed["models"] += 1
+    return _seed["models"]
+
+
+def rng_for(path: str, seed: int | None = None, model_index: int = 0, draw: int = 0) -> np.random.Generator:
+    """The random stream of the parameter at ``path`` (``draw`` counts re-initializations)."""
+    digest = hashlib.blake2b(path.encode(), digest_size=16).digest()
+    words = np.frombuffer(digest, dtype=np.uint32).tolist()
+    s = _seed["seed"] if seed is None else seed
+    return np.random.default_rng(np.random.SeedSequence([s & 0xFFFFFFFF, s >> 32, model_index, draw, *words]))
+
+
+def fans(shape: tuple) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight of this shape (see the module docstring for the layout rules)."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+class Initializer:
+    """A named initializer: ``init(shape, rng)`` returns a NumPy array of that shape."""
+
+    def __init__(self, fn: InitFn, description: str):
+        self._fn = fn
+        self._description = description
+
+    def __call__(self, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+        return self._fn(tuple(shape), rng)
+
+    def __repr__(self) -> str:
+        return self._description
+
+
+def zeros() -> Initializer:
+    """All zeros."""
+    return Initializer(lambda shape, rng: np.zeros(shape), "zeros()")
+
+
+def ones() -> Initializer:
+    """All ones."""
+    return Initializer(lambda shape, rng: np.ones(shape), "ones()")
+
+
+def constant(value: float) -> Initializer:
+    """Every element equal to ``value``."""
+    return Initializer(lambda shape, rng: np.full(shape, value), f"constant({value!r})")
+
+
+def normal(mean: float = 0.0, std: float = 1.0) -> Initializer:
+    """Independent draws from N(mean, std**2)."""
+    if std < 0:
+        raise ValueError(f"normal(): std must be >= 0, got {std}")
+    return Initializer(lambda shape, rng: rng.normal(mean, std, shape), f"normal(mean={mean}, std={std})")
+
+
+def uniform(low: float = 0.0, high: float = 1.0) -> Initializer:
+    """Independent draws from U[low, high)."""
+    if high < low:
+        raise ValueError(f"uniform(): high must be >= low, got low={low}, high={high}")
+    return Initializer(lambda shape, rng: rng.uniform(low, high, shape), f"uniform(low={low}, high={high})")
+
+
+def xavier_uniform(gain: float = 1.0) -> Initializer:
+    """Glorot uniform: U[-a, a] with a = gain * sqrt(6 / (fan_in + fan_out))."""
+
+    def fn(shape, rng):
+        fan_in, fan_out = fans(shape)
+        a = gain * math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-a, a, shape)
+
+    return Initializer(fn, f"xavier_uniform(gain={gain})")
+
+
+def xavier_normal(gain: float = 1.0) -> Initializer:
+    """Glorot normal: N(0, std**2) with std = gain * sqrt(2 / (fan_in + fan_out))."""
+
+    def fn(shape, rng):
+        fan_in, fan_out = fans(shape)
+        return rng.normal(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), shape)
+
+    return Initializer(fn, f"xavier_normal(gain={gain})")
+
+
+def _kaiming_std(shape, a, mode, nonlinearity):
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"kaiming: mode must be 'fan_in' or 'fan_out', got {mode!r}")
+    gains = {"relu": math.sqrt(2.0), "leaky_relu": math.sqrt(2.0 / (1 + a * a)), "linear": 1.0,
+             "tanh": 5.0 / 3, "sigmoid": 1.0}
+    if nonlinearity not in gains:
+        raise ValueError(f"kaiming: nonlinearity must be one of {sorted(gains)}, got {nonlinearity!r}")
+    fan_in, fan_out = fans(shape)
+    return gains[nonlinearity] / math.sqrt(fan_in if mode == "fan_in" else fan_out)
+
+
+def kaiming_uniform(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "relu") -> Initializer:
+    """He uniform: U[-b, b] with b = sqrt(3) * gain / sqrt(fan), as ``torch.nn.init.kaiming_uniform_``.
+
+    ``kaiming_uniform(a=math.sqrt(5), nonlinearity="leaky_relu")`` is U[-1/sqrt(fan_in), 1/sqrt(fan_in)],
+    the default of ``lm.Linear`` (and of ``torch.nn.Linear``'s weight).
+    """
+    _kaiming_std((1, 1), a, mode, nonlinearity)  # validate now, not at first use
+
+    def fn(shape, rng):
+        b = math.sqrt(3.0) * _kaiming_std(shape, a, mode, nonlinearity)
+        return rng.uniform(-b, b, shape)
+
+    return Initializer(fn, f"kaiming_uniform(a={a}, mode={mode!r}, nonlinearity={nonlinearity!r})")
+
+
+def kaiming_normal(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "relu") -> Initializer:
+    """He normal: N(0, std**2) with std = gain / sqrt(fan), as ``torch.nn.init.kaiming_normal_``."""
+    _kaiming_std((1, 1), a, mode, nonlinearity)
+
+    def fn(shape, rng):
+        return rng.normal(0.0, _kaiming_std(shape, a, mode, nonlinearity), shape)
+
+    return Initializer(fn, f"kaiming_normal(a={a}, mode={mode!r}, nonlinearity={nonlinearity!r})")

@@ -1,0 +1,72 @@
+"""The fully connected layer."""
+
+from __future__ import annotations
+
+import math
+
+from .. import init as _init
+from ..errors import ShapeError
+from ..module import Module
+from ..parameter import Parameter
+
+
+class Linear(Module):
+    """``y = x @ weight + bias``: a dense layer, with ``weight`` of shape (in, out) and ``bias`` (out,).
+
+    ``Linear(out)`` infers ``in`` from the last axis of its first input; ``Linear(in, out)`` knows it
+    at once (like ``range(stop)`` / ``range(start, stop)``).
+
+    Shape contract: (..., in) -> (..., out).
+
+    Default initializers: ``weight`` U[-1/sqrt(in), 1/sqrt(in)] (``init.kaiming_uniform(a=sqrt(5),
+    nonlinearity="leaky_relu")``, torch.nn.Linear's choice), ``bias`` zeros. Change them with
+    ``weight_init=`` / ``bias_init=``, or later with ``reinitialize``.
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.set_backend("numpy"); layer = lm.Linear(3)
+    <lamina backend 'numpy'>
+    >>> layer(np.ones((2, 5), "float32")).shape, layer.get_parameter("weight").shape
+    ((2, 3), (5, 3))
+    """
+
+    def __init__(self, in_or_out: int, out_features: int | None = None, *, bias: bool = True,
+                 weight_init=None, bias_init=None):
+        super().__init__()
+        in_features, out_features = (None, in_or_out) if out_features is None else (in_or_out, out_features)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"Linear: {name} must be a positive int, got {v!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = Parameter((in_features, out_features),
+                                init=weight_init or _init.kaiming_uniform(math.sqrt(5), nonlinearity="leaky_relu"))
+        self.bias = Parameter((out_features,), init=bias_init or _init.zeros()) if bias else None
+
+    def build(self, input_shape):
+        if not input_shape:
+            raise ShapeError(self, "expects inputs with at least one axis (..., in_features), got a scalar")
+        if self.in_features is None:
+            self.in_features = input_shape[-1]
+            self.get_parameter("weight").materialize((self.in_features, self.out_features))
+        elif input_shape[-1] != self.in_features:
+            raise self._shape_error(input_shape)
+
+    def forward(self, x):
+        return self._backend.linear(x, self.weight, self.bias)
+
+    def _diagnose(self, args):
+        shape = tuple(getattr(args[0], "shape", ())) if args else ()
+        if self.in_features is not None and (not shape or shape[-1] != self.in_features):
+            return self._shape_error(shape)
+        return super()._diagnose(args)
+
+    def _shape_error(self, shape):
+        return ShapeError(self, f"expected input with last axis {self.in_features}, got shape {tuple(shape)}. "
+                          f"Linear({self.in_features}, {self.out_features}) was built for {self.in_features} input features; feed "
+                          f"(batch, {self.in_features}) inputs, or create a new Linear({self.out_features}) "
+                          "to infer them from the input.")
+
+    def extra_repr(self) -> str:
+        i = "?" if self.in_features is None else self.in_features
+        return f"{i} -> {self.out_features}" + ("" if self.bias is not None or "bias" in self._params
+                                               else ", bias=False")

@@ -1,0 +1,607 @@
+"""Module: the base class of every layer and model.
+
+A subclass assigns parameters (``lm.Parameter``), buffers (``lm.Buffer``) and child modules as attributes
+in ``__init__`` (children may sit in lists, tuples and dicts too) and writes ``forward``. Optionally it
+writes ``build(self, input_shape)``, which runs once, before the first ``forward``, to create parameters
+whose shapes depend on the input.
+
+The call path is kept short on purpose (DESIGN.md, rule 4): a parameter's raw array sits in the owning
+module's ``__dict__``, so ``self.weight`` inside ``forward`` is a plain attribute read; input checks cost
+one set lookup per positional argument; everything that explains a failure (layer paths, shapes,
+devices) runs only after something has failed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import numpy as np
+
+from . import init as _init
+from .backends import backend_of, get_backend
+from .errors import BackendError, DeviceError, LayerError, ModuleError, UninitializedParameterError
+from .parameter import Parameter, _fmt_shape
+
+__all__ = ["Module"]
+
+# Bumped by every change of any module tree's structure; traversal caches compare against it.
+_STRUCTURE = [0]
+
+
+class _Index:
+    """A module tree flattened once: deduplicated parameters, buffers and modules with their paths."""
+
+    __slots__ = ("version", "entries", "modules", "paths")
+
+    def __init__(self, root: Module):
+        self.version = _STRUCTURE[0]
+        self.entries: list[tuple[str, Parameter]] = []  # parameters and buffers, first path of each
+        self.modules: list[tuple[str, Module]] = []
+        self.paths: dict[str, Parameter] = {}  # every path, aliases of tied parameters included
+        seen_p: set[int] = set()
+        seen_m: set[int] = set()
+
+        def visit(m: Module, prefix: str, stack: tuple) -> None:
+            if id(m) in stack:
+                raise ModuleError(f"module '{prefix.rstrip('.')}' ({type(m).__name__}) contains itself")
+            if id(m) not in seen_m:
+                seen_m.add(id(m))
+                self.modules.append((prefix.rstrip("."), m))
+            for name, p in m._params.items():
+                path = prefix + name
+                self.paths[path] = p
+                if id(p) not in seen_p:
+                    seen_p.add(id(p))
+                    self.entries.append((path, p))
+            for name, child in m._modules.items():
+                visit(child, f"{prefix}{name}.", stack + (id(m),))
+
+        visit(root, "", ())
+
+    def path_of(self, p: Parameter) -> str:
+        for path, q in self.entries:
+            if q is p:
+                return path
+        raise KeyError(p)
+
+
+class Module:
+    """Base class of layers and models. Subclass it, assign parameters and children in ``__init__``
+    (after ``super().__init__()``), and write ``forward``.
+
+    Example:
+        >>> import lamina as lm, numpy as np
+        >>> class CenteredLayer(lm.Module):
+        ...     def forward(self, X):
+        ...         return X - X.mean()
+        >>> lm.set_backend("numpy"); CenteredLayer()(np.array([1.0, 2, 3, 4, 5]))
+        <lamina backend 'numpy'>
+        array([-2., -1.,  0.,  1.,  2.])
+    """
+
+    # A subclass's build(self, input_shape) is stored here and ``build`` becomes the public method.
+    _build_hook = None
+    _build_hook_arity = 1
+
+    def __init__(self):
+        d = self.__dict__
+        d["_params"] = {}
+        d["_modules"] = {}
+        d["_parents"] = []  # (weakref to parent, name under which the parent holds self)
+        d["_backend"] = get_backend()
+        d["_device"] = None  # None: the backend's default device
+        d["_built"] = False
+        d["_building"] = None
+        d["_pass"] = None  # set of types that go straight to forward; None until the first call
+        d["_cache"] = None
+        d["training"] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        hook = cls.__dict__.get("build")
+        if hook is not None and hook is not Module.build:
+            cls._build_hook = hook
+            params = list(inspect.signature(hook).parameters.values())[1:]
+            cls._build_hook_arity = (1 << 30) if any(p.kind is p.VAR_POSITIONAL for p in params) else len(params)
+            cls.build = Module.build
+
+    def forward(self, *args, **kwargs):
+        """The layer's computation. Subclasses must override it."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward(self, ...)")
+
+    # ----- calling -----------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        passthrough = self._pass
+        if passthrough is None:
+            return self._first_call(args, kwargs)
+        for a in args:
+            if type(a) not in passthrough:
+                args = self._convert_inputs(args)
+                break
+        try:
+            return self.forward(*args, **kwargs)
+        except Exception as e:
+            new = _explain(self, e, args)
+            if new is e:
+                raise
+            raise new from e
+
+    def _first_call(self, args, kwargs):
+        try:
+            args = self._convert_inputs(args)
+            if not self._built:
+                self._run_build([tuple(a.shape) for a in args if hasattr(a, "shape")])
+            self._draw_parameters()
+        except Exception as e:
+            new = _explain(self, e, args, diagnose=False)
+            if new is e:
+                raise
+            raise new from e
+        self.__dict__["_pass"] = self._backend.native_types
+        try:
+            return self.forward(*args, **kwargs)
+        except Exception as e:
+            new = _explain(self, e, args)
+            if new is e:
+                raise
+            raise new from e
+
+    def _convert_inputs(self, args) -> tuple:
+        """Native arrays pass; NumPy arrays and lists become arrays of this module's backend (floating
+        ones as float32); an array of another framework is an error naming both."""
+        b = self._backend
+        out = []
+        for a in args:
+            t = type(a)
+            if t in b.native_types:
+                out.append(a)
+            elif b.is_native(a):
+                b.native_types.add(t)  # a tracer or subclass: remember it for the fast path
+                out.append(a)
+            elif isinstance(a, np.ndarray | np.generic | list):
+                arr = np.asarray(a)
+                if arr.dtype.kind not in "biufc":
+                    out.append(a)
+                    continue
+                if arr.dtype == np.float64:
+                    arr = arr.astype(np.float32)
+                out.append(b.from_numpy(arr, self._device))
+            elif (other := backend_of(a)) is not None:
+                raise BackendError(
+                    f"{type(self).__name__} lives on the {b.name} backend but got a {other.array_name}; "
+                    f"pass a {b.array_name} (or a NumPy array), or move the model with "
+                    f"model.to(backend={other.name!r})")
+            else:
+                out.append(a)
+        return tuple(out)
+
+    def _diagnose(self, args) -> Exception | None:
+        """After a failure: a clearer error for it, or None. Layers extend it with shape checks."""
+        dev = self.device
+        for a in args:
+            b = backend_of(a)
+            if b is self._backend:
+                d = b.device_of(a)
+                if d != dev:
+                    return DeviceError(f"{type(self).__name__} has its parameters on device {dev!r} but got "
+                                       f"an input on device {d!r}; move the input there, or the model with "
+                                       f"model.to(device={d!r})")
+        return None
+
+    # ----- building ----------------------------------------------------------------------------------
+    def build(self, *input_shapes):
+        """Build the model for inputs of these shapes (``None`` for an unknown batch axis), as the first
+        call would, and draw its parameters. Returns the module.
+
+        Layers write their own ``build(self, input_shape)`` hook; calling ``model.build(...)`` runs it
+        and, if children are still unbuilt, a dry run on zeros in eval mode without gradients.
+
+        >>> import lamina as lm
+        >>> lm.set_backend("numpy"); net = lm.Sequential(lm.Linear(4)).build((None, 3))
+        <lamina backend 'numpy'>
+        >>> net[0].get_parameter("weight").shape
+        (3, 4)
+        """
+        running = self.__dict__.get("_building")
+        if running is not None:  # super().build(...) from inside a subclass's hook
+            return self._run_hook_after(running, input_shapes)
+        if not input_shapes:
+            raise TypeError("build() needs the input shape, e.g. model.build((None, 20))")
+        shapes = [tuple(s) for s in input_shapes]
+        if not self._built:
+            self._run_build(shapes)
+        idx = self._index()
+        if any(not m._built and m._build_hook is not None for _, m in idx.modules) or any(not p.is_built for _, p in idx.entries):
+            b = self._backend
+            dummies = [b.from_numpy(np.zeros([1 if s is None else s for s in shape], np.float32), self._device)
+                       for shape in shapes]
+            modes = [(m, m.training) for _, m in idx.modules]
+            self.train(False)
+            try:
+                with b.no_grad():
+                    self(*dummies)
+            finally:
+                for m, mode in modes:
+                    m.__dict__["training"] = mode
+        self._draw_parameters()
+        return self
+
+    def _run_build(self, shapes: list) -> None:
+        cls = next((c for c in type(self).__mro__ if "_build_hook" in c.__dict__), None)
+        if cls is not None and cls.__dict__["_build_hook"] is not None:
+            self._call_hook(cls, shapes)
+        for name, p in self._params.items():
+            if not p.is_built:
+                raise UninitializedParameterError(
+                    f"{type(self).__name__} declared parameter '{name}' with shape {_fmt_shape(p.shape)} but "
+                    f"{'its build() did not give it a full shape' if cls else 'defines no build()'}; call "
+                    f"self.get_parameter({name!r}).materialize(shape) in build(self, input_shape)")
+        self.__dict__["_built"] = True
+
+    def _call_hook(self, cls, shapes):
+        hook = cls.__dict__["_build_hook"]
+        d = self.__dict__
+        d["_building"] = cls
+        try:
+            hook(self, *shapes[:cls._build_hook_arity])
+        finally:
+            d["_building"] = None
+
+    def _run_hook_after(self, running_cls, input_shapes):
+        mro = type(self).__mro__
+        for c in mro[mro.index(running_cls) + 1:]:
+            if c.__dict__.get("_build_hook") is not None:
+                self._call_hook(c, list(input_shapes))
+                self.__dict__["_building"] = running_cls
+                return self
+        return self
+
+    def _draw_parameters(self, only: Parameter | None = None) -> None:
+        """Give every built parameter of the whole model that has no value yet (or just ``only``) its
+        values, each from the random stream of its path in the outermost module."""
+        root = self._root()
+        d = root.__dict__
+        if d.get("_model_index") is None:
+            d["_model_index"] = _init.next_model_index()
+        for path, p in root._index().entries:
+            if (p is only) if only is not None else (p._value is None and p.is_built):
+                p._set_drawn(_init.rng_for(path, p._seed, d["_model_index"], p._draws))
+
+    def _root(self) -> Module:
+        m, seen = self, {id(self)}
+        while True:
+            parent = next((r() for r, _ in m._parents if r() is not None), None)
+            if parent is None or id(parent) in seen:
+                return m
+            seen.add(id(parent))
+            m = parent
+
+    # ----- registration ------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        d = self.__dict__
+        params = d.get("_params")
+        if params is None:
+            if isinstance(value, Module | Parameter) or _holds_modules(value):
+                raise ModuleError(f"{type(self).__name__}.__init__ must call super().__init__() before "
+                                  f"assigning parameters or layers (while setting '{name}')")
+            object.__setattr__(self, name, value)
+            return
+        if isinstance(value, Parameter):
+            self._unregister(name)
+            self._register_parameter(name, value)
+        elif isinstance(value, Module):
+            self._unregister(name)
+            self._register_module(name, value)
+        elif name in params and value is not None:
+            if value is not d.get(name):
+                params[name]._assign(value)
+        elif _holds_modules(value):
+            from .layers.containers import ModuleDict, ModuleList
+
+            self._unregister(name)
+            self._register_module(name, ModuleDict(value) if isinstance(value, dict) else ModuleList(value))
+        else:
+            self._unregister(name)
+            d[name] = value
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: an unregistered name, or a parameter with no value yet.
+        d = self.__dict__
+        params = d.get("_params")
+        if params is None:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise ModuleError(f"{type(self).__name__} was not initialized: its __init__ must call "
+                              "super().__init__() first")
+        p = params.get(name)
+        if p is not None:
+            return p.value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._params or name in self._modules:
+            self._unregister(name)
+        else:
+            object.__delattr__(self, name)
+
+    def _register_parameter(self, name: str, p: Parameter) -> None:
+        if p._backend is None:
+            p._backend, p._device = self._backend, self._device
+        elif p._backend is not self._backend:
+            raise BackendError(f"parameter '{p.name}' lives on the {p._backend.name} backend and cannot be "
+                               f"shared with {type(self).__name__} on the {self._backend.name} backend")
+        if not p.name:
+            p.name = name
+        p._owners.append((weakref.ref(self), name))
+        self._params[name] = p
+        if p._value is not None:
+            self.__dict__[name] = p._value
+        self.__dict__["_built"] = self.__dict__["_built"] and p.is_built
+        _STRUCTURE[0] += 1
+
+    def _register_module(self, name: str, child: Module) -> None:
+        if "_params" not in child.__dict__:
+            raise ModuleError(f"{type(child).__name__}.__init__ must call super().__init__()")
+        if child._backend is not self._backend:
+            raise BackendError(
+                f"cannot add {type(child).__name__} (on the {child._backend.name} backend) to "
+                f"{type(self).__name__} (on the {self._backend.name} backend); move it first with "
+                f".to(backend={self._backend.name!r})")
+        child._parents.append((weakref.ref(self), name))
+        self._modules[name] = child
+        self.__dict__[name] = child
+        _STRUCTURE[0] += 1
+
+    def _unregister(self, name: str) -> None:
+        d = self.__dict__
+        p = d["_params"].pop(name, None)
+        if p is not None:
+            p._owners[:] = [(r, n) for r, n in p._owners if not (r() is self and n == name)]
+        c = d["_modules"].pop(name, None)
+        if c is not None:
+            c._parents[:] = [(r, n) for r, n in c._parents if not (r() is self and n == name)]
+        if p is not None or c is not None:
+            d.pop(name, None)
+            _STRUCTURE[0] += 1
+
+    # ----- traversal ---------------------------------------------------------------------------------
+    def _index(self) -> _Index:
+        idx = self.__dict__["_cache"]
+        if idx is None or idx.version != _STRUCTURE[0]:
+            idx = _Index(self)
+            self.__dict__["_cache"] = idx
+        return idx
+
+    def named_parameters(self):
+        """``(dotted path, Parameter)`` pairs of every parameter in the tree, each shared one once."""
+        return iter([(k, p) for k, p in self._index().entries if not p._is_buffer])
+
+    def parameters(self):
+        """Every ``Parameter`` in the tree, each shared one once."""
+        return iter([p for _, p in self._index().entries if not p._is_buffer])
+
+    def named_buffers(self):
+        """``(dotted path, Buffer)`` pairs of every buffer in the tree."""
+        return iter([(k, p) for k, p in self._index().entries if p._is_buffer])
+
+    def buffers(self):
+        return iter([p for _, p in self._index().entries if p._is_buffer])
+
+    def named_modules(self):
+        """``(dotted path, Module)`` pairs of this module (path ``""``) and every descendant, each once."""
+        return iter(list(self._index().modules))
+
+    def modules(self):
+        return iter([m for _, m in self._index().modules])
+
+    def named_children(self):
+        seen: set[int] = set()
+        out = []
+        for name, m in self._modules.items():
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.append((name, m))
+        return iter(out)
+
+    def children(self):
+        return iter([m for _, m in self.named_children()])
+
+    def get_parameter(self, path: str) -> Parameter:
+        """The ``Parameter`` (or ``Buffer``) object at a dotted path such as ``"0.weight"``."""
+        p = self._index().paths.get(path)
+        if p is None:
+            known = ", ".join(self._index().paths) or "none"
+            raise KeyError(f"{type(self).__name__} has no parameter {path!r}; it has: {known}")
+        return p
+
+    def state_dict(self) -> dict:
+        """``{path: array}`` of every parameter and persistent buffer (a tied parameter once, under its
+        first path). The arrays are the live values, not copies."""
+        return {k: p.value for k, p in self._index().entries if getattr(p, "persistent", True)}
+
+    # ----- modes, maintenance ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        """Training mode (``mode=True``) or evaluation mode for this module and all descendants."""
+        for m in self.modules():
+            m.__dict__["training"] = bool(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def apply(self, fn) -> Module:
+        """Call ``fn(module)`` on every descendant, then on this module (children first, as in torch)."""
+        for m in reversed(list(self.modules())):
+            fn(m)
+        return self
+
+    def zero_grad(self) -> None:
+        """Forget the gradients of every parameter."""
+        for p in self.parameters():
+            p.grad = None
+
+    def reinitialize(self, init=None, /, **inits) -> Module:
+        """Draw new values for this module's parameters (not buffers).
+
+        ``reinitialize()`` uses each parameter's own initializer; ``reinitialize(init)`` uses ``init``
+        for all; ``reinitialize(weight=..., bias=...)`` picks by the parameter's own name (the last
+        part of its path), leaving others alone unless ``init`` is given too. Every chosen parameter
+        must have a known shape, and every name must match a parameter: otherwise nothing changes and
+        an error says why. Returns the module.
+
+        >>> import lamina as lm
+        >>> lm.set_backend("numpy"); net = lm.Linear(2, 3)
+        <lamina backend 'numpy'>
+        >>> net.reinitialize(weight=lm.init.constant(1.0), bias=lm.init.zeros()).weight.sum()
+        np.float32(6.0)
+        """
+        chosen = []
+        names_seen = set()
+        for path, p in self.named_parameters():
+            local = path.rsplit(".", 1)[-1]
+            names_seen.add(local)
+            how = inits.get(local, init)
+            if how is None and (inits or init is not None):
+                continue
+            if how is not None and not callable(how):
+                raise TypeError(f"the initializer for '{path}' must be callable init(shape, rng), got {how!r}")
+            if not p.is_built:
+                raise UninitializedParameterError(p._unbuilt_message("re-initialize").replace(
+                    f"'{p.name}'", f"'{path}'", 1))
+            chosen.append((p, how))
+        unknown = sorted(set(inits) - names_seen)
+        if unknown:
+            raise ValueError(f"reinitialize(): {type(self).__name__} has no parameter named {unknown}; "
+                             f"its parameter names are {sorted(names_seen)}")
+        if not chosen and (init is not None or inits or names_seen):
+            raise ValueError(f"reinitialize(): nothing to re-initialize in {type(self).__name__}")
+        for p, how in chosen:
+            p.initialize(how)
+        return self
+
+    # ----- backends and devices ----------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The name of the backend this module's parameters live on."""
+        return self._backend.name
+
+    @property
+    def device(self) -> str:
+        """The device of this module's parameters (``"cpu"``, ``"cuda:0"``, ...)."""
+        for _, p in self._index().entries:
+            if p._value is not None:
+                return p.device
+        return self._device or self._backend.default_device()
+
+    def to(self, backend: str | None = None, device: str | None = None) -> Module:
+        """Move every parameter and buffer to another backend and/or device, in place; returns self.
+
+        Between backends the arrays go through DLPack (zero-copy where both sides allow it).
+        """
+        b = get_backend(backend) if backend is not None else self._backend
+        dev = b.check_device(device) if device is not None else None
+        for _, m in self._index().modules:
+            d = m.__dict__
+            d["_backend"], d["_device"] = b, dev
+            if d["_pass"] is not None:
+                d["_pass"] = b.native_types
+        for _, p in self._index().entries:
+            old_backend = p.backend
+            p._backend, p._device = b, dev
+            if p._value is not None:
+                v = p._value
+                new = b.from_other(v, dev) if old_backend is not b else b.to_device(v, dev)
+                p._value = None  # a moved array is a new array: do not write into the old one
+                p._set_value(new)
+        return self
+
+    # ----- display -----------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        """The constructor arguments to show in ``repr`` (override in layers)."""
+        return ""
+
+    def __repr__(self) -> str:
+        own = ", ".join(f"{n} {_fmt_shape(p.shape)}" for n, p in self._params.items())
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not self._modules:
+            return head + ")" + (f"  [{own}]" if own else "")
+        lines = [head] + ([f"  [{own}]"] if own else [])
+        for name, child in self._modules.items():
+            lines.append(f"  ({name}): " + repr(child).replace("\n", "\n  "))
+        return "\n".join(lines) + "\n)"
+
+
+def _holds_modules(value) -> bool:
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return False
+    if not any(isinstance(v, Module) for v in items):
+        return False
+    if not all(isinstance(v, Module) for v in items):
+        raise TypeError("a list, tuple or dict of layers assigned to a module may hold only modules; "
+                        f"got {[type(v).__name__ for v in items]}")
+    return True
+
+
+def _describe(args) -> str:
+    shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
+    return "input shapes " + ", ".join(str(s) for s in shapes) if shapes else "no inputs"
+
+
+def _explain(module: Module, exc: Exception, args, diagnose: bool = True) -> Exception:
+    """Called as an exception leaves ``module``: returns the exception to raise, with the layer path.
+
+    The innermost module may replace it with a clearer one (``_diagnose``); each module it passes
+    through records itself, so the path names the modules actually called.
+    """
+    chain = getattr(exc, "_lamina_chain", None)
+    if chain is None:
+        if diagnose and not isinstance(exc, LayerError | BackendError | DeviceError):
+            try:
+                better = module._diagnose(args)
+            except Exception:  # a diagnosis must never hide the original error
+                better = None
+            if better is not None:
+                exc = better
+        chain = [module]
+        try:
+            exc._lamina_chain = chain
+            exc._lamina_inputs = _describe(args)
+        except Exception:  # exceptions that refuse attributes keep their message as is
+            return exc
+    elif chain[-1] is not module:
+        chain.append(module)
+    path = _path_of(chain)
+    if isinstance(exc, LayerError):
+        exc.path = path
+        return exc
+    note = f"(raised in layer '{path}' ({type(chain[0]).__name__}), called with {exc._lamina_inputs})"
+    notes = getattr(exc, "__notes__", None)
+    if notes and notes[-1].startswith("(raised in layer "):
+        notes[-1] = note
+    else:
+        exc.add_note(note)
+    return exc
+
+
+def _path_of(chain: list) -> str:
+    """The dotted path of ``chain[0]``: through the modules that were called, then up the parent links."""
+    names = []
+    for inner, outer in zip(chain, chain[1:]):
+        name = next((n for n, c in outer._modules.items() if c is inner), None)
+        names.append("?" if name is None else name)
+    m = chain[-1]
+    seen = {id(m)}
+    while True:
+        up = next(((r(), n) for r, n in m._parents if r() is not None), None)
+        if up is None or id(up[0]) in seen:
+            break
+        seen.add(id(up[0]))
+        names.append(up[1])
+        m = up[0]
+    return ".".join(reversed(names))
+

@@ -1,0 +1,297 @@
+"""Parameter and Buffer: a named, shaped, initialized array that belongs to one or more modules.
+
+A ``Parameter`` is the housekeeping around a value: shape (``None`` for an axis known only at build
+time), dtype, initializer, trainable flag, the value itself (the backend's raw array) and, after a
+backward pass, its gradient. Inside ``forward`` a module's ``self.weight`` is the raw array, not this
+object; get the object with ``module.get_parameter("weight")`` or ``named_parameters()``.
+
+The value is drawn the first time it is needed (the first call of the model, or the first time it is
+read), when the parameter's full dotted path in its model is known: that path seeds its random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+
+from . import init as _init
+from .errors import ShapeError, UninitializedParameterError
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _as_shape(shape) -> tuple:
+    if shape is None:
+        return ()
+    if isinstance(shape, int | np.integer):
+        return (int(shape),)
+    out = []
+    for s in shape:
+        if s is not None and (not isinstance(s, int | np.integer) or s < 0):
+            raise ValueError(f"a parameter shape holds non-negative ints or None, got {tuple(shape)!r}")
+        out.append(None if s is None else int(s))
+    return tuple(out)
+
+
+def _fmt_shape(shape) -> str:
+    inner = ", ".join("?" if s is None else str(s) for s in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
+
+
+class Parameter:
+    """A trainable array of a module.
+
+    Args:
+        shape: a tuple of ints; ``None`` marks an axis that ``build`` fills in (``(None, units)``).
+        init: an initializer ``init(shape, rng) -> array`` (see ``lm.init``). Default: Glorot uniform
+            for 2+ axes, zeros for vectors and scalars.
+        dtype: a dtype name, ``"float32"`` by default.
+        trainable: ``False`` freezes it: no gradient, never updated by an optimizer.
+        value: an initial array instead of ``shape`` and ``init`` (its shape and dtype are kept).
+
+    Example:
+        >>> import lamina as lm
+        >>> class Scale(lm.Module):
+        ...     def __init__(self, n):
+        ...         super().__init__()
+        ...         self.gain = lm.Parameter((n,), init=lm.init.ones())
+        ...     def forward(self, x):
+        ...         return x * self.gain
+        >>> Scale(3).get_parameter("gain").shape
+        (3,)
+    """
+
+    _is_buffer = False
+
+    def __init__(self, shape=None, init=None, *, dtype: str = "float32", trainable: bool = True,
+                 value=None):
+        if value is not None:
+            array = np.array(_host(value), copy=True)
+            shape = array.shape
+            dtype = str(array.dtype)
+            init = _Fixed(array)
+        self.shape = _as_shape(shape)
+        self.dtype = str(dtype).removeprefix("torch.")
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be an initializer callable init(shape, rng), got {init!r}")
+        self.init = init if init is not None else (
+            _init.xavier_uniform() if len(self.shape) >= 2 else _init.zeros())
+        self.trainable = bool(trainable)
+        self.name = ""  # the attribute name it was first registered under
+        self._value = None
+        self._grad = None
+        self._seed = _init.current_seed()
+        self._draws = 0  # how many times values were drawn; part of the random stream's key
+        self._owners: list[tuple[weakref.ref, str]] = []
+        self._backend = None
+        self._device = None
+
+    # ----- shape -------------------------------------------------------------------------------------
+    @property
+    def is_built(self) -> bool:
+        """True once every axis of the shape is known."""
+        return None not in self.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int | None:
+        return math.prod(self.shape) if self.is_built else None
+
+    @property
+    def nbytes(self) -> int | None:
+        if not self.is_built:
+            return None
+        itemsize = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
+        return self.size * itemsize
+
+    def materialize(self, shape) -> Parameter:
+        """Fix the axes marked ``None`` (call it from ``build``). Known axes must agree."""
+        shape = _as_shape(shape)
+        if len(shape) != len(self.shape) or any(
+                a is not None and a != b for a, b in zip(self.shape, shape)):
+            raise ShapeError(self._owner_module(), f"parameter '{self.name}' was declared with shape "
+                             f"{_fmt_shape(self.shape)} and cannot become {_fmt_shape(shape)}")
+        if None in shape:
+            raise ValueError(f"materialize() needs a full shape, got {_fmt_shape(shape)}")
+        self.shape = shape
+        return self
+
+    # ----- value -------------------------------------------------------------------------------------
+    @property
+    def value(self):
+        """The backend array. Drawn from the initializer on first access (see the module docstring)."""
+        if self._value is None:
+            self._draw()
+        return self._value
+
+    @value.setter
+    def value(self, new):
+        self._assign(new)
+
+    @property
+    def grad(self):
+        """The gradient of the last backward pass: ``loss.backward()`` on torch (it is the tensor's
+        ``.grad``), ``lm.value_and_grad`` on every backend with autodiff. ``None`` before any."""
+        if self._value is not None and hasattr(self._value, "grad") and self._value.grad is not None:
+            return self._value.grad
+        return self._grad
+
+    @grad.setter
+    def grad(self, g):
+        if self._value is not None and hasattr(self._value, "grad"):
+            self._value.grad = g
+        else:
+            self._grad = g
+
+    @property
+    def backend(self):
+        from .backends import get_backend
+
+        return self._backend or get_backend()
+
+    @property
+    def device(self) -> str | None:
+        return None if self._value is None else self.backend.device_of(self._value)
+
+    def initialize(self, init=None) -> Parameter:
+        """Draw new values with ``init`` (default: this parameter's own initializer), which it keeps."""
+        if init is not None:
+            if not callable(init):
+                raise TypeError(f"init must be an initializer callable init(shape, rng), got {init!r}")
+            self.init = init
+        if not self.is_built:
+            raise UninitializedParameterError(self._unbuilt_message("re-initialize"))
+        self._draw(redraw=True)
+        return self
+
+    def numpy(self) -> np.ndarray:
+        """The value as a NumPy array (a copy or a read-only view)."""
+        return self.backend.to_numpy(self.value)
+
+    # ----- internals ---------------------------------------------------------------------------------
+    def _owner_module(self):
+        for ref, _ in self._owners:
+            m = ref()
+            if m is not None:
+                return m
+        return None
+
+    def _unbuilt_message(self, what: str = "read") -> str:
+        owner = self._owner_module()
+        where = f" of {type(owner).__name__}" if owner is not None else ""
+        return (f"cannot {what} parameter '{self.name or '?'}'{where}: its shape {_fmt_shape(self.shape)} "
+                "is not known yet because the layer infers it from its first input. Call the model once "
+                "on a batch (model(x)) or build it with model.build(input_shape) first.")
+
+    def _draw(self, redraw: bool = False) -> None:
+        owner = self._owner_module()
+        if owner is not None:
+            owner._draw_parameters(only=self if redraw else None)
+        else:
+            self._set_drawn(_init.rng_for(self.name, self._seed, 0, self._draws))
+        if self._value is None:
+            raise UninitializedParameterError(self._unbuilt_message())
+
+    def _set_drawn(self, rng) -> None:
+        if not self.is_built:
+            raise UninitializedParameterError(self._unbuilt_message())
+        values = np.asarray(_host(self.init(self.shape, rng)))
+        if values.shape != self.shape:
+            raise ShapeError(self._owner_module(), f"initializer {self.init!r} of parameter '{self.name}' "
+                             f"returned shape {values.shape}, expected {_fmt_shape(self.shape)}")
+        self._draws += 1
+        self._set_value(self.backend.from_numpy(values.astype(_np_dtype(self.dtype)), self._device))
+
+    def _set_value(self, array) -> None:
+        """Store a backend array as the value and show it to every owner module."""
+        if not self._is_buffer:
+            array = self.backend.make_parameter(array, self.trainable)
+        if self._value is not None:
+            array = self.backend.assign(self._value, array)
+        self._value = array
+        self._grad = None
+        for ref, name in self._owners:
+            m = ref()
+            if m is not None:
+                m.__dict__[name] = array
+
+    def _assign(self, new) -> None:
+        """Set the value from user data, keeping shape and dtype (values are cast to the dtype)."""
+        from .backends import backend_of
+
+        b = self.backend
+        other = backend_of(new)
+        if other is not b:
+            new = b.from_other(new, self._device) if other is not None else b.from_numpy(
+                np.asarray(new, dtype=_np_dtype(self.dtype)), self._device)
+        shape = tuple(new.shape)
+        if self.is_built and shape != self.shape:
+            raise ShapeError(self._owner_module(), f"parameter '{self.name}' has shape "
+                             f"{_fmt_shape(self.shape)}; cannot assign an array of shape {_fmt_shape(shape)} "
+                             "(to change its shape, assign a new lm.Parameter)")
+        if not self.is_built:
+            self.materialize(shape)
+        if b.dtype_name(new) != self.dtype:
+            new = b.xp.astype(new, b.dtype(self.dtype))
+        if new is self._value:
+            return
+        self._set_value(new)
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        frozen = "" if self.trainable or self._is_buffer else ", trainable=False"
+        return f"{kind}(shape={_fmt_shape(self.shape)}, dtype={self.dtype}, init={self.init!r}{frozen})"
+
+
+class Buffer(Parameter):
+    """A non-trainable array that moves, saves and loads with the model (running statistics, masks,
+    constant tables). ``persistent=False`` keeps it out of checkpoints.
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.Buffer(np.arange(3)).dtype
+    'int64'
+    """
+
+    _is_buffer = True
+
+    def __init__(self, value=None, *, shape=None, init=None, dtype: str = "float32", persistent: bool = True):
+        if value is not None and not isinstance(value, tuple):
+            super().__init__(value=value, trainable=False)
+        else:
+            super().__init__(shape if shape is not None else value, init or _init.zeros(), dtype=dtype,
+                             trainable=False)
+        self.persistent = persistent
+
+
+class _Fixed:
+    """The initializer of a parameter created from an array: it gives back that array."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __call__(self, shape, rng):
+        return self.array
+
+    def __repr__(self) -> str:
+        return "<given values>"
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _host(x):
+    """A host (NumPy-convertible) view of ``x``: arrays of any backend, lists, scalars."""
+    from .backends import backend_of
+
+    b = backend_of(x)
+    return x if b is None else b.to_numpy(x)
