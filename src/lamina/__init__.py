@@ -11,12 +11,35 @@ Importing lamina imports no backend; a backend's library is imported the first t
 
 from . import init, ops
 from .backends import available_backends, backend_of, get_backend, set_backend
-from .errors import (BackendError, CheckpointError, DeviceError, LaminaError, LayerError, ModuleError, ShapeError,
-                     UninitializedParameterError)
+from .errors import (
+                     BackendError,
+                     CheckpointError,
+                     DeviceError,
+                     LaminaError,
+                     LayerError,
+                     ModuleError,
+                     ShapeError,
+                     UninitializedParameterError,
+)
 from .functional import functional_call, value_and_grad
 from .init import manual_seed
-from .layers import (GELU, Flatten, Identity, LeadingFourier, LeakyReLU, Linear, LogSoftmax, ModuleDict, ModuleList,
-                     ReLU, Sequential, Sigmoid, Softmax, Tanh, TensorReduction)
+from .layers import (
+                     GELU,
+                     Flatten,
+                     Identity,
+                     LeadingFourier,
+                     LeakyReLU,
+                     Linear,
+                     LogSoftmax,
+                     ModuleDict,
+                     ModuleList,
+                     ReLU,
+                     Sequential,
+                     Sigmoid,
+                     Softmax,
+                     Tanh,
+                     TensorReduction,
+)
 from .module import Module
 from .parameter import Buffer, Parameter
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .errors import UninitializedParameterError
 from .module import Module
 
 __all__ = ["functional_call", "value_and_grad"]
 
 
-def _ready(model: Module) -> None:
-    """Draw any parameter not yet drawn; refuse when shapes are still unknown."""
-    idx = model._index()
-    unbuilt = [path for path, p in idx.entries if not p.is_built]
-    if unbuilt or any(not m._built and m._build_hook is not None for _, m in idx.modules):
-        raise UninitializedParameterError(
-            f"{type(model).__name__} is not built yet (parameters of unknown shape: {unbuilt or 'in sublayers'}); "
-            "call it once on a batch or use model.build(input_shape) before functional_call / value_and_grad")
+def _ready(model: Module, args, kwargs) -> None:
+    """Build the model if a lazy layer has not seen an input yet (a dry run on ``args``) and draw any
+    parameter not yet drawn, so that nothing changes the model while it runs on swapped values."""
+    if model._needs_build():
+        model._dry_run(args, kwargs)
     model._draw_parameters()
 
 
@@ -59,7 +55,7 @@ def functional_call(model: Module, params: dict, *args, **kwargs):
     >>> lm.functional_call(layer, w, np.array([[1.0, 2.0]], "float32"))
     array([[3.]], dtype=float32)
     """
-    _ready(model)
+    _ready(model, args, kwargs)
     with _swapped(model, params):
         return model(*args, **kwargs)
 
@@ -75,7 +71,7 @@ def value_and_grad(fn, has_aux: bool = False):
     """
 
     def wrapped(model: Module, *args, **kwargs):
-        _ready(model)
+        _ready(model, args, kwargs)
         entries = [(path, p) for path, p in model.named_parameters() if p.trainable]
         params = {path: p.value for path, p in entries}
 

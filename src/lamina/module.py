@@ -185,8 +185,8 @@ class Module:
                 d = b.device_of(a)
                 if d != dev:
                     return DeviceError(f"{type(self).__name__} has its parameters on device {dev!r} but got "
-                                       f"an input on device {d!r}; move the input there, or the model with "
-                                       f"model.to(device={d!r})")
+                                       f"an input on device {d!r}; move the input to {dev!r}, or the model "
+                                       f"to the input's device with model.to(device={d!r})")
         return None
 
     # ----- building ----------------------------------------------------------------------------------
@@ -211,21 +211,28 @@ class Module:
         shapes = [tuple(s) for s in input_shapes]
         if not self._built:
             self._run_build(shapes)
-        idx = self._index()
-        if any(not m._built and m._build_hook is not None for _, m in idx.modules) or any(not p.is_built for _, p in idx.entries):
+        if self._needs_build():
             b = self._backend
-            dummies = [b.from_numpy(np.zeros([1 if s is None else s for s in shape], np.float32), self._device)
-                       for shape in shapes]
-            modes = [(m, m.training) for _, m in idx.modules]
-            self.train(False)
-            try:
-                with b.no_grad():
-                    self(*dummies)
-            finally:
-                for m, mode in modes:
-                    m.__dict__["training"] = mode
+            self._dry_run([b.from_numpy(np.zeros([1 if s is None else s for s in shape], np.float32), self._device)
+                           for shape in shapes])
         self._draw_parameters()
         return self
+
+    def _needs_build(self) -> bool:
+        idx = self._index()
+        return (any(not m._built and m._build_hook is not None for _, m in idx.modules)
+                or any(not p.is_built for _, p in idx.entries))
+
+    def _dry_run(self, args, kwargs=None) -> None:
+        """Call the model once in eval mode without gradients, so every lazy layer builds itself."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.train(False)
+        try:
+            with self._backend.no_grad():
+                self(*args, **(kwargs or {}))
+        finally:
+            for m, mode in modes:
+                m.__dict__["training"] = mode
 
     def _run_build(self, shapes: list) -> None:
         cls = next((c for c in type(self).__mro__ if "_build_hook" in c.__dict__), None)
@@ -467,8 +474,7 @@ class Module:
             if how is not None and not callable(how):
                 raise TypeError(f"the initializer for '{path}' must be callable init(shape, rng), got {how!r}")
             if not p.is_built:
-                raise UninitializedParameterError(p._unbuilt_message("re-initialize").replace(
-                    f"'{p.name}'", f"'{path}'", 1))
+                raise UninitializedParameterError(p._unbuilt_message("re-initialize"))
             chosen.append((p, how))
         unknown = sorted(set(inits) - names_seen)
         if unknown:

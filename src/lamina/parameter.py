@@ -78,7 +78,7 @@ class Parameter:
             raise TypeError(f"init must be an initializer callable init(shape, rng), got {init!r}")
         self.init = init if init is not None else (
             _init.xavier_uniform() if len(self.shape) >= 2 else _init.zeros())
-        self.trainable = bool(trainable)
+        self._trainable = bool(trainable)
         self.name = ""  # the attribute name it was first registered under
         self._value = None
         self._grad = None
@@ -149,6 +149,17 @@ class Parameter:
             self._grad = g
 
     @property
+    def trainable(self) -> bool:
+        """Whether gradients are taken for it and optimizers update it."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, flag: bool) -> None:
+        self._trainable = bool(flag)
+        if self._value is not None and not self._is_buffer:
+            self.backend.set_trainable(self._value, self._trainable)
+
+    @property
     def backend(self):
         from .backends import get_backend
 
@@ -183,8 +194,13 @@ class Parameter:
 
     def _unbuilt_message(self, what: str = "read") -> str:
         owner = self._owner_module()
-        where = f" of {type(owner).__name__}" if owner is not None else ""
-        return (f"cannot {what} parameter '{self.name or '?'}'{where}: its shape {_fmt_shape(self.shape)} "
+        where, path = "", self.name or "?"
+        if owner is not None:
+            from .module import _path_of
+
+            prefix = _path_of([owner])
+            where, path = f" of {type(owner).__name__}", f"{prefix}.{path}" if prefix else path
+        return (f"cannot {what} parameter '{path}'{where}: its shape {_fmt_shape(self.shape)} "
                 "is not known yet because the layer infers it from its first input. Call the model once "
                 "on a batch (model(x)) or build it with model.build(input_shape) first.")
 

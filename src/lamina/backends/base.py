@@ -68,6 +68,9 @@ class Backend:
         """The array to hand to ``forward`` for a parameter (a ``torch.nn.Parameter`` on torch)."""
         return value
 
+    def set_trainable(self, value, flag: bool) -> None:
+        """Switch gradient tracking of a parameter's value on or off (only torch tracks it on arrays)."""
+
     def assign(self, old, new):
         """Store ``new`` as a parameter's value. Returns the array to keep: ``old`` written in place where
         the backend has mutable arrays and the shapes and dtypes agree (so optimizers and other holders of

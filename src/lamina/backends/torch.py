@@ -55,6 +55,9 @@ class TorchBackend(Backend):
             return value
         return torch.nn.Parameter(value.detach(), requires_grad=trainable and value.is_floating_point())
 
+    def set_trainable(self, value, flag):
+        value.requires_grad_(flag and value.is_floating_point())
+
     def assign(self, old, new):
         if (isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype
                 and old.device == new.device):

@@ -61,10 +61,10 @@ class Linear(Module):
         return super()._diagnose(args)
 
     def _shape_error(self, shape):
-        return ShapeError(self, f"expected input with last axis {self.in_features}, got shape {tuple(shape)}. "
-                          f"Linear({self.in_features}, {self.out_features}) was built for {self.in_features} input features; feed "
-                          f"(batch, {self.in_features}) inputs, or create a new Linear({self.out_features}) "
-                          "to infer them from the input.")
+        i, o = self.in_features, self.out_features
+        return ShapeError(self, f"expected input with last axis {i}, got shape {tuple(shape)}. Linear({i}, {o}) "
+                          f"was built for {i} input features; feed (batch, {i}) inputs, or create a new "
+                          f"Linear({o}) to infer them from the input.")
 
     def extra_repr(self) -> str:
         i = "?" if self.in_features is None else self.in_features

@@ -1,0 +1,72 @@
+"""Shared fixtures: every backend-neutral test runs once per installed backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lamina as lm
+
+BACKENDS = lm.available_backends()
+GRAD_BACKENDS = [b for b in BACKENDS if b in ("torch", "jax")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Selects each installed backend in turn (and restores the previous choice afterwards)."""
+    lm.set_backend(request.param)
+    lm.manual_seed(0)
+    yield request.param
+
+
+@pytest.fixture(params=GRAD_BACKENDS)
+def grad_backend(request):
+    """Each installed backend that has automatic differentiation."""
+    lm.set_backend(request.param)
+    lm.manual_seed(0)
+    yield request.param
+
+
+def to_np(x) -> np.ndarray:
+    """Any backend's array as a NumPy array."""
+    b = lm.backend_of(x)
+    return np.asarray(x) if b is None else np.asarray(b.to_numpy(x))
+
+
+def rand(*shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+class CenteredLayer(lm.Module):
+    def forward(self, X):
+        return X - X.mean()
+
+
+class MyLinear(lm.Module):
+    def __init__(self, in_units, units):
+        super().__init__()
+        self.weight = lm.Parameter((in_units, units), init=lm.init.normal())
+        self.bias = lm.Parameter((units,), init=lm.init.normal())
+
+    def forward(self, X):
+        return lm.ops.relu(X @ self.weight + self.bias)
+
+
+class MyDense(lm.Module):
+    """The textbook's lazily sized Keras layer, written as a build hook."""
+
+    def __init__(self, units):
+        super().__init__()
+        self.units = units
+
+    def build(self, input_shape):
+        self.weight = lm.Parameter((input_shape[-1], self.units), init=lm.init.normal())
+        self.bias = lm.Parameter((self.units,), init=lm.init.zeros())
+
+    def forward(self, X):
+        return lm.ops.relu(X @ self.weight + self.bias)
+
+
+def sum_loss(model, x):
+    """A scalar loss for gradient tests, written so that it works on every backend."""
+    return (model(x) ** 2).sum()

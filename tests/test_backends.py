@@ -1,0 +1,121 @@
+"""Backend selection, conversion of inputs, and moving models between backends."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lamina as lm
+
+from conftest import BACKENDS, MyLinear, rand, to_np
+
+
+def run_py(code, **env):
+    full = {**os.environ, **env}
+    full.pop("LAMINA_BACKEND", None) if "LAMINA_BACKEND" not in env else None
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+
+
+def test_default_backend_is_first_installed_of_torch_jax_numpy():
+    out = run_py("import lamina as lm; print(lm.Linear(2).backend)")
+    assert out.stdout.strip() == BACKENDS[0]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_lamina_backend_environment_variable(name):
+    out = run_py("import lamina as lm; print(lm.Linear(2).backend)", LAMINA_BACKEND=name)
+    assert out.stdout.strip() == name
+
+
+def test_bad_backend_names_give_clear_errors():
+    with pytest.raises(lm.BackendError, match=r"unknown backend 'tensorflow'; choose one of"):
+        lm.set_backend("tensorflow")
+    out = run_py("import lamina as lm; lm.Linear(2)", LAMINA_BACKEND="mxnet")
+    assert "LAMINA_BACKEND='mxnet' is not a backend" in out.stderr
+
+
+def test_numpy_arrays_and_lists_become_backend_arrays_float32(backend):
+    layer = lm.Identity()
+    for given in (np.arange(3.0), [1.0, 2.0, 3.0]):
+        out = layer(given)
+        assert lm.backend_of(out).name == backend
+        if backend != "numpy":  # numpy arrays are native on the numpy backend and pass unchanged
+            assert to_np(out).dtype == np.float32
+    assert to_np(layer([1, 2])).dtype.kind == "i"
+    assert to_np(layer([1.0, 2.0])).dtype == np.float32  # lists: float32 on every backend
+
+
+def test_parameters_default_to_float32(backend):
+    layer = MyLinear(3, 2)
+    assert to_np(layer.weight).dtype == np.float32 and layer.get_parameter("weight").dtype == "float32"
+
+
+def foreign_array(owner):
+    if owner == "torch":
+        import torch
+
+        return torch.ones(2, 3)
+    import jax.numpy as jnp
+
+    return jnp.ones((2, 3))
+
+
+@pytest.mark.parametrize(("model_backend", "input_backend"),
+                         [(m, i) for m in BACKENDS for i in BACKENDS if i not in ("numpy", m)])
+def test_array_of_another_framework_is_an_error_naming_both(model_backend, input_backend):
+    lm.set_backend(model_backend)
+    net = lm.Sequential(lm.Linear(3, 2))
+    with pytest.raises(lm.BackendError) as err:
+        net(foreign_array(input_backend))
+    msg = str(err.value)
+    assert f"{model_backend} backend" in msg and lm.get_backend(input_backend).array_name in msg
+    assert f"model.to(backend='{input_backend}')" in msg
+
+
+@pytest.mark.parametrize("src", BACKENDS)
+@pytest.mark.parametrize("dst", BACKENDS)
+def test_to_backend_keeps_outputs_and_ties(src, dst):
+    lm.set_backend(src)
+    shared = lm.Linear(6, 6)
+    net = lm.Sequential(lm.Linear(6), lm.ReLU(), shared, lm.ReLU(), shared, lm.TensorReduction(2))
+    x = rand(3, 5)
+    before = to_np(net(x))
+    net.to(backend=dst)
+    assert net.backend == dst and all(m.backend == dst for m in net.modules())
+    for _, p in net.named_parameters():
+        assert lm.backend_of(p.value).name == dst
+    assert net[2].weight is net[4].weight
+    out = net(x)
+    assert lm.backend_of(out).name == dst
+    np.testing.assert_allclose(to_np(out), before, rtol=1e-5, atol=1e-6)
+
+
+def test_move_from_numpy_to_torch_is_zero_copy():
+    if not {"torch", "numpy"} <= set(BACKENDS):
+        pytest.skip("needs torch")
+    lm.set_backend("numpy")
+    layer = lm.Linear(4, 4)
+    host = layer.weight
+    layer.to(backend="torch")
+    assert layer.weight.data_ptr() == host.ctypes.data  # the same memory, seen through DLPack
+
+
+def test_to_numpy_gives_writable_parameters():
+    for src in BACKENDS:
+        lm.set_backend(src)
+        layer = lm.Linear(2, 2).to(backend="numpy")
+        layer.weight[0, 0] = 5.0  # parameters must stay writable on the numpy backend
+        assert layer.weight[0, 0] == 5.0
+
+
+def test_adding_a_child_of_another_backend_is_refused():
+    if len(BACKENDS) < 2:
+        pytest.skip("needs two backends")
+    lm.set_backend(BACKENDS[0])
+    parent = lm.Sequential()
+    lm.set_backend(BACKENDS[1])
+    child = lm.Linear(2)
+    with pytest.raises(lm.BackendError, match=rf"on the {BACKENDS[1]} backend.*\.to\(backend='{BACKENDS[0]}'\)"):
+        parent.append(child)
