@@ -55,9 +55,11 @@ class NumpyBackend(Backend):
     def copy(self, x):
         return np.array(x, copy=True)
 
-    # native ops: plain numpy avoids the compat wrappers' Python-level dtype promotion.
-    def relu(self, x):
-        return np.maximum(x, 0, dtype=x.dtype)
+    # Native ops: plain numpy avoids the compat wrappers' Python-level dtype promotion. The hot ones are
+    # static so that a layer's call does not build a bound method each time.
+    @staticmethod
+    def relu(x):
+        return np.maximum(x, 0)  # a Python 0 keeps x's dtype (NEP 50)
 
     def tanh(self, x):
         return np.tanh(x)
@@ -68,11 +70,9 @@ class NumpyBackend(Backend):
     def einsum(self, subscripts, *operands):
         return np.einsum(subscripts, *operands, optimize=len(operands) > 2)
 
-    def linear(self, x, weight, bias=None):
-        y = x @ weight
-        if bias is not None:
-            y += bias
-        return y
+    @staticmethod
+    def linear(x, weight, bias=None):
+        return x @ weight if bias is None else x @ weight + bias
 
     def rfft(self, x):
         return np.fft.rfft(x)
