@@ -80,6 +80,7 @@ def value_and_grad(fn, has_aux: bool = False):
                 return fn(model, *args, **kwargs)
 
         out, grads = model._backend.value_and_grad(pure, params, has_aux)
+        grads = {path: grads[path] for path in params}  # model order (jax returns dict keys sorted)
         for path, p in entries:
             p.grad = grads.get(path)
         return out, grads
