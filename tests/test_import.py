@@ -21,7 +21,8 @@ def test_backend_is_imported_on_first_use_only():
 def test_public_api_is_pinned():
     assert sorted(lm.__all__) == sorted([
         "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
-        "set_backend", "get_backend", "backend_of", "available_backends",
+        "set_backend", "get_backend", "backend_of", "available_backends", "devices",
+        "save", "load", "load_into",
         "functional_call", "value_and_grad",
         "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU",
         "Softmax", "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",

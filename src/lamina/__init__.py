@@ -10,7 +10,8 @@ Importing lamina imports no backend; a backend's library is imported the first t
 """
 
 from . import init, ops
-from .backends import available_backends, backend_of, get_backend, set_backend
+from .backends import available_backends, backend_of, devices, get_backend, set_backend
+from .checkpoint import load, load_into, save
 from .errors import (
                      BackendError,
                      CheckpointError,
@@ -49,7 +50,9 @@ __all__ = [
     # core
     "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
     # backends
-    "set_backend", "get_backend", "backend_of", "available_backends",
+    "set_backend", "get_backend", "backend_of", "available_backends", "devices",
+    # checkpoints
+    "save", "load", "load_into",
     # pure functions and gradients
     "functional_call", "value_and_grad",
     # layers

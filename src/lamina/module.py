@@ -440,6 +440,96 @@ class Module:
         first path). The arrays are the live values, not copies."""
         return {k: p.value for k, p in self._index().entries if getattr(p, "persistent", True)}
 
+    def load_state_dict(self, state: dict, *, strict: bool = True, allow_missing: bool = False,
+                        ignore_extra: bool = False) -> Module:
+        """Set parameters and buffers from a ``{path: array}`` mapping (arrays of any backend, NumPy, lists).
+
+        All or nothing: every key, shape and dtype is checked first; if anything is wrong, one
+        ``CheckpointError`` lists every missing key, every unexpected key and every mismatch, and the model
+        is left exactly as it was. ``allow_missing=True`` keeps the current values of parameters that
+        the mapping lacks; ``ignore_extra=True`` skips keys the model lacks; ``strict=False`` does both.
+        A parameter whose shape is not known yet (a lazy layer never called) takes the stored shape.
+        Floating values are cast to the parameter's floating dtype; other dtype differences are errors.
+        On torch, values are copied into the existing tensors, so optimizers holding them stay valid.
+        """
+        from .checkpoint import _apply, _plan
+
+        specs = {}
+        for k, v in state.items():
+            b = backend_of(v)
+            if b is None:
+                v = np.asarray(v)
+                specs[k] = (v.shape, str(v.dtype))
+            else:
+                specs[k] = (tuple(v.shape), b.dtype_name(v))
+        plan = _plan(self, specs, {}, allow_missing or not strict, ignore_extra or not strict, "the state dict")
+        _apply(self, plan, state.__getitem__)
+        return self
+
+    def summary(self, *input_shapes, print_fn=print) -> str:
+        """Print (and return) a table of the layers: dotted path, type, output shape, parameter count,
+        then the totals (tied parameters counted once) and the parameter bytes. Builds a lazy model
+        on the way, with a dry run on zeros of ``input_shapes`` (``None`` axes become 1).
+
+        >>> import lamina as lm
+        >>> lm.set_backend("numpy"); text = lm.Sequential(lm.Linear(4), lm.ReLU()).summary((None, 3), print_fn=None)
+        <lamina backend 'numpy'>
+        >>> print(text.splitlines()[-2])
+        Total parameters: 16 (64 B), trainable: 16
+        """
+        shapes = [tuple(s) for s in input_shapes]
+        if not shapes:
+            raise TypeError("summary() needs the input shape, e.g. model.summary((None, 20))")
+        self.build(*shapes)
+        idx = self._index()
+        outputs: dict[int, str] = {}
+
+        def recorder(m):
+            forward = m.forward
+
+            def record(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                outs = out if isinstance(out, tuple | list) else (out,)
+                outputs[id(m)] = ", ".join(str(tuple(o.shape)) if hasattr(o, "shape") else type(o).__name__
+                                           for o in outs)
+                return out
+
+            return record
+
+        for _, m in idx.modules:
+            m.__dict__["forward"] = recorder(m)
+        try:
+            b = self._backend
+            self._dry_run([b.from_numpy(np.zeros([1 if s is None else s for s in shape], np.float32),
+                                        self._device) for shape in shapes])
+        finally:
+            for _, m in idx.modules:
+                m.__dict__.pop("forward", None)
+        counted: set[int] = set()
+        rows = [("Layer (path)", "Type", "Output shape", "Params")]
+        for path, m in idx.modules:
+            n = 0
+            for p in m._params.values():
+                if id(p) not in counted and not p._is_buffer:
+                    counted.add(id(p))
+                    n += p.size
+            depth = path.count(".") + 1 if path else 0
+            rows.append(("  " * depth + (path or "(model)"), type(m).__name__, outputs.get(id(m), "-"), f"{n:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        params = [p for _, p in idx.entries if not p._is_buffer]
+        total = sum(p.size for p in params)
+        trainable = sum(p.size for p in params if p.trainable)
+        nbytes = sum(p.nbytes for p in params)
+        buffers = sum(p.nbytes for _, p in idx.entries if p._is_buffer)
+        rule = "-" * len(line(rows[0]))
+        text = "\n".join([line(rows[0]), rule, *map(line, rows[1:]), rule,
+                          f"Total parameters: {total:,} ({_fmt_bytes(nbytes)}), trainable: {trainable:,}",
+                          f"Buffers: {_fmt_bytes(buffers)}"])
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
     # ----- modes, maintenance ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
         """Training mode (``mode=True``) or evaluation mode for this module and all descendants."""
@@ -549,6 +639,14 @@ class Module:
         for name, child in self._modules.items():
             lines.append(f"  ({name}): " + repr(child).replace("\n", "\n  "))
         return "\n".join(lines) + "\n)"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def _holds_modules(value) -> bool:

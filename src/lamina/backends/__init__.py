@@ -14,7 +14,7 @@ import os
 from ..errors import BackendError
 from .base import Backend
 
-__all__ = ["Backend", "get_backend", "set_backend", "backend_of", "available_backends", "BACKENDS"]
+__all__ = ["Backend", "get_backend", "set_backend", "devices", "backend_of", "available_backends", "BACKENDS"]
 
 BACKENDS = ("torch", "jax", "numpy")
 _CLASSES = {"numpy": ("numpy", "NumpyBackend"), "torch": ("torch", "TorchBackend"), "jax": ("jax", "JaxBackend")}
@@ -66,6 +66,16 @@ def set_backend(name: str) -> Backend:
     b = get_backend(name)
     _current = b.name
     return b
+
+
+def devices(backend: str | None = None) -> list[str]:
+    """The devices a backend offers (default: the current one): ``["cpu"]``, plus ``"cuda:0"``, ... on a GPU.
+
+    >>> import lamina as lm
+    >>> lm.devices("numpy")
+    ['cpu']
+    """
+    return get_backend(backend).devices()
 
 
 def _default_name() -> str:

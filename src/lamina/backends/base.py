@@ -46,8 +46,9 @@ class Backend:
         """The dtype name of an array of this backend."""
         return str(x.dtype).removeprefix("torch.")
 
-    def from_numpy(self, a: np.ndarray, device: str | None = None):
-        """A backend array with the values of the NumPy array ``a`` (a copy, or a view where safe)."""
+    def from_numpy(self, a: np.ndarray, device: str | None = None, copy: bool = True):
+        """A backend array with the values of the NumPy array ``a``; ``copy=False`` lets it share ``a``'s
+        memory where the backend can (the caller promises nobody else writes to ``a``)."""
         raise NotImplementedError
 
     def to_numpy(self, x) -> np.ndarray:

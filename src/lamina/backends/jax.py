@@ -42,7 +42,7 @@ class JaxBackend(Backend):
     def dtype_name(self, x):
         return str(x.dtype)
 
-    def from_numpy(self, a, device=None):
+    def from_numpy(self, a, device=None, copy=True):
         return jax.device_put(np.asarray(a), self._device(device))
 
     def _from_dlpack(self, x):

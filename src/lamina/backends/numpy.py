@@ -31,9 +31,9 @@ class NumpyBackend(Backend):
     def dtype_name(self, x) -> str:
         return str(x.dtype)
 
-    def from_numpy(self, a, device=None):
+    def from_numpy(self, a, device=None, copy=True):
         self.to_device(None, device)  # validates the device name
-        return np.array(a, copy=True)
+        return np.array(a, copy=True) if copy or not a.flags.writeable else np.asarray(a)
 
     def to_numpy(self, x):
         return x

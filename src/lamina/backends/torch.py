@@ -32,11 +32,13 @@ class TorchBackend(Backend):
             raise BackendError(f"the torch backend has no dtype {name!r}")
         return dt
 
-    def from_numpy(self, a, device=None):
+    def from_numpy(self, a, device=None, copy=True):
+        if copy or not a.flags.writeable or not a.flags.c_contiguous:
+            a = np.array(a, copy=True, order="C")
         if a.dtype.name == "bfloat16":  # ml_dtypes bfloat16: reinterpret the bits
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).clone()
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
-            t = torch.from_numpy(np.array(a, copy=True))
+            t = torch.from_numpy(a)
         return self.to_device(t, device)
 
     def to_numpy(self, x):

@@ -36,18 +36,21 @@ class Linear(Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"Linear: {name} must be a positive int, got {v!r}")
-        self.in_features = in_features
         self.out_features = out_features
         self.weight = Parameter((in_features, out_features),
                                 init=weight_init or _init.kaiming_uniform(math.sqrt(5), nonlinearity="leaky_relu"))
         self.bias = Parameter((out_features,), init=bias_init or _init.zeros()) if bias else None
 
+    @property
+    def in_features(self) -> int | None:
+        """The input size: known from the constructor, the first input, or a loaded checkpoint."""
+        return self._params["weight"].shape[0]
+
     def build(self, input_shape):
         if not input_shape:
             raise ShapeError(self, "expects inputs with at least one axis (..., in_features), got a scalar")
         if self.in_features is None:
-            self.in_features = input_shape[-1]
-            self.get_parameter("weight").materialize((self.in_features, self.out_features))
+            self.get_parameter("weight").materialize((input_shape[-1], self.out_features))
         elif input_shape[-1] != self.in_features:
             raise self._shape_error(input_shape)
 

@@ -8,6 +8,10 @@ from ..module import Module
 from ..parameter import Parameter
 
 
+# N(0, (1/in)^2), with ``in`` read from the shape when the values are drawn
+_DEFAULT_INIT = _init.Initializer(lambda shape, rng: rng.normal(0.0, 1.0 / shape[0], shape), "normal(0, 1/in)")
+
+
 class TensorReduction(Module):
     """A quadratic form per output unit: ``y[..., k] = sum_ij W[i, j, k] * x[..., i] * x[..., j]``.
 
@@ -30,19 +34,16 @@ class TensorReduction(Module):
         if not isinstance(units, int) or units <= 0:
             raise ValueError(f"TensorReduction: units must be a positive int, got {units!r}")
         self.units = units
-        self.in_features = in_features
-        self._custom_init = init
-        self.weight = Parameter((in_features, in_features, units), init=self._init_for(in_features))
+        self.weight = Parameter((in_features, in_features, units), init=init or _DEFAULT_INIT)
 
-    def _init_for(self, n):
-        return self._custom_init or (_init.normal(0.0, 1.0 / n) if n else None)
+    @property
+    def in_features(self) -> int | None:
+        return self._params["weight"].shape[0]
 
     def build(self, input_shape):
         n = input_shape[-1] if input_shape else None
         if self.in_features is None:
-            self.in_features = n
-            p = self.get_parameter("weight").materialize((n, n, self.units))
-            p.init = self._init_for(n)
+            self.get_parameter("weight").materialize((n, n, self.units))
         elif n != self.in_features:
             raise self._shape_error(input_shape)
 

@@ -1,0 +1,367 @@
+"""Checkpoints in the safetensors format: arrays, collections of arrays and model parameters.
+
+Files are written with the ``safetensors`` library, so ``safetensors.numpy.load_file`` and every other
+safetensors reader opens them. Nothing is ever unpickled. A save writes a temporary file in the target's
+folder, flushes it to disk and renames it over the target, so a crash or a full disk mid-save leaves the
+previous file as it was.
+
+Loading into a model is strict and all-or-nothing. Every key, shape and dtype in the file's header is
+checked against the model before any value is written, and all problems are reported in one
+``CheckpointError``. The values are then copied one tensor at a time, so a load needs little memory
+beyond the model itself.
+
+Metadata in each file (``__metadata__`` of the safetensors header, all strings): ``format`` ("lamina"),
+``format_version``, ``lamina_version``, ``kind`` (array, list, tuple, dict or module), ``keys`` (the
+original order), and for modules ``class`` and ``aliases`` (tied parameters: ``{alias path: stored path}``).
+
+Dtype policy when loading into a model: a floating-point value loads into a floating-point parameter of
+another precision by casting to the parameter's dtype (as ``torch.Tensor.copy_`` does); any other
+difference (int into float, float into int, bool) is a mismatch and is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .backends import backend_of, get_backend
+from .errors import CheckpointError
+from .module import Module
+
+__all__ = ["save", "load", "load_into", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+              "U8": "uint8", "BOOL": "bool", "C64": "complex64"}
+_FLOATS = {"float16", "bfloat16", "float32", "float64"}
+
+
+# ----- writing ------------------------------------------------------------------------------------
+def save(obj, path, *, metadata: dict | None = None) -> None:
+    """Save a model's parameters, one array, a list or tuple of arrays, or a dict of str -> array.
+
+    Arrays may come from any backend; each keeps its dtype exactly (bfloat16 through ml_dtypes).
+    A model is saved as its ``state_dict()`` (tied parameters once, with their aliases recorded).
+    ``metadata``: extra ``{str: str}`` entries for the file's header.
+
+    >>> import lamina as lm, numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "arrays.safetensors")
+    >>> lm.save({"steps": np.arange(3), "w": np.ones(2, "float16")}, path)
+    >>> {k: v.dtype for k, v in lm.load(path, backend="numpy").items()}
+    {'steps': dtype('int64'), 'w': dtype('float16')}
+    """
+    meta = {"format": "lamina", "format_version": str(FORMAT_VERSION), "lamina_version": _version()}
+    if isinstance(obj, Module):
+        tensors, aliases = _module_tensors(obj)
+        meta.update(kind="module", aliases=json.dumps(aliases), **{"class": type(obj).__name__})
+    elif isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str) or not k]
+        if bad:
+            raise TypeError(f"lm.save: dict keys must be non-empty strings, got {bad!r}")
+        tensors = {k: _host(v, f"dict entry {k!r}") for k, v in obj.items()}
+        meta["kind"] = "dict"
+    elif isinstance(obj, list | tuple):
+        tensors = {str(i): _host(v, f"element {i} of the {type(obj).__name__}") for i, v in enumerate(obj)}
+        meta["kind"] = type(obj).__name__
+    else:
+        tensors = {"array": _host(obj, "the object")}
+        meta["kind"] = "array"
+    meta["keys"] = json.dumps(list(tensors))
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"lm.save: metadata must map str to str, got {k!r}: {v!r}")
+        meta.setdefault(k, v)
+    _atomic_write(Path(path), tensors, meta)
+
+
+def _module_tensors(model: Module):
+    idx = model._index()
+    missing = [path for path, p in idx.entries if not p.is_built]
+    if missing:
+        raise CheckpointError(f"cannot save {type(model).__name__}: parameters {missing} have no shape yet; call "
+                              "the model once or use model.build(input_shape) first")
+    tensors, stored = {}, {}
+    for path, p in idx.entries:
+        if getattr(p, "persistent", True):
+            tensors[path] = _host(p.value, f"parameter {path!r}")
+            stored[id(p)] = path
+    aliases = {path: stored[id(p)] for path, p in idx.paths.items() if id(p) in stored and stored[id(p)] != path}
+    return tensors, aliases
+
+
+def _host(x, what: str) -> np.ndarray:
+    b = backend_of(x)
+    if b is None:
+        if isinstance(x, np.generic):
+            return np.asarray(x)
+        raise TypeError(f"lm.save: {what} is a {type(x).__name__}; only arrays (torch, jax, numpy) can be saved")
+    a = b.to_numpy(x)
+    if a.dtype.kind == "c" and a.dtype != np.complex64:
+        raise TypeError(f"lm.save: {what} has dtype {a.dtype}; safetensors stores complex64 but not {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def _atomic_write(path: Path, tensors: dict, meta: dict) -> None:
+    import safetensors.numpy
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot save to '{path}': folder '{folder}' does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"cannot save to '{path}': it is a folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        safetensors.numpy.save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the checkpoint
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"saving '{path}' failed ({e.strerror or e}); the previous file, if any, is "
+                                  "unchanged") from e
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; harmless elsewhere)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ----- reading ------------------------------------------------------------------------------------
+class _Reader:
+    """An open checkpoint: header (keys, shapes, dtypes, metadata) first, tensor data on demand."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"cannot load '{self.path}': no such file")
+        if self.path.is_dir():
+            raise CheckpointError(f"cannot load '{self.path}': it is a folder")
+        try:
+            self._cm = safe_open(str(self.path), framework="np")
+            self._f = self._cm.__enter__()
+            self.meta = self._f.metadata() or {}
+            self.keys = list(self._f.keys())
+            self.specs = {}
+            for k in self.keys:
+                sl = self._f.get_slice(k)
+                self.specs[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot load '{self.path}': {_diagnose_file(self.path)} ({e})") from None
+        order = self.meta.get("keys")
+        if order:
+            try:
+                ordered = json.loads(order)
+                if sorted(ordered) == sorted(self.keys):
+                    self.keys = ordered
+            except ValueError:
+                pass
+        if self.meta.get("format") == "lamina":
+            try:
+                version = int(self.meta.get("format_version", "0"))
+            except ValueError:
+                version = -1
+            if not 1 <= version <= FORMAT_VERSION:
+                raise CheckpointError(f"cannot load '{self.path}': lamina checkpoint format version "
+                                      f"{self.meta.get('format_version')!r} is not one this lamina "
+                                      f"({_version()}) reads (1 to {FORMAT_VERSION}); upgrade lamina")
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "dict")
+
+    @property
+    def aliases(self) -> dict:
+        try:
+            return json.loads(self.meta.get("aliases", "{}"))
+        except ValueError as e:
+            raise CheckpointError(f"cannot load '{self.path}': its 'aliases' metadata is not valid JSON") from e
+
+    def get(self, key) -> np.ndarray:
+        try:
+            return self._f.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {key!r} of '{self.path}': {e}") from None
+
+    def close(self):
+        self._cm.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _diagnose_file(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = path.stat().st_size
+    except OSError as e:
+        return f"it cannot be read: {e.strerror}"
+    if size == 0:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return ("it looks like a pickle or torch.save file; lamina never unpickles (loading a pickle can run "
+                "arbitrary code). Convert it once, in a trusted session, with lm.save(torch.load(...), path)")
+    if size < 8:
+        return "it is too short to be a safetensors file (truncated?)"
+    n = int.from_bytes(head[:8], "little")
+    if n > size - 8:
+        return (f"it is not a safetensors file, or it is truncated: its header claims {n} bytes but the file has "
+                f"{size} bytes in all")
+    return "it is not a valid safetensors file (damaged or truncated)"
+
+
+def load(path, backend=None, device=None):
+    """Load what ``save`` wrote: an array, a list, a tuple or a dict of arrays (a model checkpoint gives
+    its ``{path: array}`` state dict). ``backend=`` picks the kind of arrays returned (default: the
+    current backend); ``device=`` where they go. Any safetensors file loads, as a dict.
+    """
+    b = get_backend(backend)
+    with _Reader(path) as r:
+        arrays = {k: b.from_numpy(r.get(k), device, copy=False) for k in r.keys}
+        kind = r.kind
+    if kind == "array":
+        return arrays["array"]
+    if kind in ("list", "tuple"):
+        items = [arrays[str(i)] for i in range(len(arrays))]
+        return items if kind == "list" else tuple(items)
+    return arrays
+
+
+def load_into(model: Module, path, *, strict: bool = True, allow_missing: bool = False,
+              ignore_extra: bool = False) -> Module:
+    """Load a checkpoint file into ``model``'s parameters and buffers, all or nothing.
+
+    See ``Module.load_state_dict`` for the rules. Tied parameters recorded in the file are tied in
+    ``model`` too. Returns the model.
+    """
+    with _Reader(path) as r:
+        plan = _plan(model, r.specs, r.aliases, allow_missing or not strict, ignore_extra or not strict,
+                     source=f"'{r.path}'")
+        _apply(model, plan, r.get, fresh=True)
+    return model
+
+
+# ----- the load plan: check everything, then write ------------------------------------------------
+def _plan(model: Module, specs: dict, aliases: dict, allow_missing: bool, ignore_extra: bool, source: str):
+    """Match ``specs`` ({key: (shape, dtype name)}) to the model; raise one error listing every problem."""
+    idx = model._index()
+    paths = idx.paths
+    missing, extra, mismatched, assignments, retie = [], [], [], [], []
+    matched: set[int] = set()
+    for key, (shape, dtype) in specs.items():
+        p = paths.get(key)
+        if p is None:
+            extra.append(key)
+            continue
+        problem = _check(p, shape, dtype)
+        if problem:
+            mismatched.append(f"{key}: {problem}")
+            continue
+        if id(p) in matched:
+            continue  # the same parameter under a second path: one write is enough
+        matched.add(id(p))
+        assignments.append((p, key))
+    for alias, target in aliases.items():
+        a, t = paths.get(alias), paths.get(target)
+        if a is None:
+            extra.append(f"{alias} (alias of {target})")
+        elif t is not None and a is not t:
+            if a.shape != t.shape and a.is_built:
+                mismatched.append(f"{alias}: is tied to {target} in the file but has shape {a.shape} here")
+            else:
+                retie.append((alias, t))
+                matched.add(id(a))
+    for path, p in idx.entries:
+        if id(p) not in matched and getattr(p, "persistent", True):
+            missing.append(path)
+    problems = []
+    if missing and not allow_missing:
+        problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
+    if extra and not ignore_extra:
+        lazy = _lazy_owners(model, extra)
+        problems.append(f"unexpected keys (in the checkpoint, not in the model): {extra}" + lazy)
+    if mismatched:
+        problems.append("mismatched: " + "; ".join(mismatched))
+    if problems:
+        fixes = []
+        if missing and not allow_missing:
+            fixes.append("allow_missing=True keeps the model's values for missing keys")
+        if extra and not ignore_extra:
+            fixes.append("ignore_extra=True skips unexpected keys")
+        raise CheckpointError(f"cannot load {source} into {type(model).__name__}; nothing was changed.\n  "
+                              + "\n  ".join(problems) + ("\n  (" + "; ".join(fixes) + ")" if fixes else ""))
+    return assignments, retie
+
+
+def _check(p, shape, dtype) -> str | None:
+    if p.is_built and tuple(shape) != p.shape:
+        return f"shape {tuple(shape)} in the checkpoint, {p.shape} in the model"
+    if not p.is_built and (len(shape) != len(p.shape)
+                           or any(a is not None and a != b for a, b in zip(p.shape, shape))):
+        return f"shape {tuple(shape)} in the checkpoint does not fit {p.shape} declared in the model"
+    if dtype != p.dtype and not (dtype in _FLOATS and p.dtype in _FLOATS):
+        return f"dtype {dtype} in the checkpoint, {p.dtype} in the model (only floating types are cast)"
+    return None
+
+
+def _lazy_owners(model: Module, keys) -> str:
+    """A hint when unexpected keys belong to layers that create their parameters in build()."""
+    modules = dict(model._index().modules)
+    unbuilt = sorted({k.rpartition(".")[0] for k in keys
+                      if (m := modules.get(k.rpartition(".")[0])) is not None and not m._built
+                      and m._build_hook is not None})
+    if not unbuilt:
+        return ""
+    return (f"; layers {unbuilt} create their parameters in build(), so build the model first "
+            "(model.build(input_shape) or one call) and load again")
+
+
+def _apply(model: Module, plan, fetch, fresh: bool = False) -> None:
+    """Write the planned values. ``fresh``: ``fetch`` returns new NumPy arrays nobody else holds, so
+    they may become parameter memory without a copy."""
+    assignments, retie = plan
+    idx = model._index()
+    for alias, target in retie:  # tie first, so a retied parameter gets its value once
+        owner_path, _, name = alias.rpartition(".")
+        owner = dict(idx.modules)[owner_path]
+        setattr(owner, name, target)
+    for p, key in assignments:
+        value = fetch(key)
+        if fresh:
+            value = p.backend.from_numpy(value, p._device, copy=False)
+        p._assign(value)
+    model._draw_parameters()  # anything left without a value (allow_missing on a fresh model)
