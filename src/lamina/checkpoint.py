@@ -224,10 +224,13 @@ class _Reader:
 
 
 def _diagnose_file(path: Path) -> str:
+    """Say in words what is wrong with a file that safetensors refused."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
         size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(n) if 0 <= n <= size - 8 else b""
     except OSError as e:
         return f"it cannot be read: {e.strerror}"
     if size == 0:
@@ -237,11 +240,17 @@ def _diagnose_file(path: Path) -> str:
                 "arbitrary code). Convert it once, in a trusted session, with lm.save(torch.load(...), path)")
     if size < 8:
         return "it is too short to be a safetensors file (truncated?)"
-    n = int.from_bytes(head[:8], "little")
     if n > size - 8:
         return (f"it is not a safetensors file, or it is truncated: its header claims {n} bytes but the file has "
                 f"{size} bytes in all")
-    return "it is not a valid safetensors file (damaged or truncated)"
+    try:
+        entries = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return "its header is not valid safetensors JSON (the file is damaged)"
+    if 8 + n + end > size:
+        return f"it is truncated: its header describes {8 + n + end} bytes but the file has only {size}"
+    return "it is not a valid safetensors file (damaged)"
 
 
 def load(path, backend=None, device=None):
@@ -290,8 +299,9 @@ def _plan(model: Module, specs: dict, aliases: dict, allow_missing: bool, ignore
         problem = _check(p, shape, dtype)
         if problem:
             mismatched.append(f"{key}: {problem}")
+            matched.add(id(p))  # present, just wrong: not also "missing"
             continue
-        if id(p) in matched:
+        if any(q is p for q, _ in assignments):
             continue  # the same parameter under a second path: one write is enough
         matched.add(id(p))
         assignments.append((p, key))
@@ -363,5 +373,5 @@ def _apply(model: Module, plan, fetch, fresh: bool = False) -> None:
         value = fetch(key)
         if fresh:
             value = p.backend.from_numpy(value, p._device, copy=False)
-        p._assign(value)
+        p._assign(value, fresh=fresh)
     model._draw_parameters()  # anything left without a value (allow_missing on a fresh model)

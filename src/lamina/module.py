@@ -506,15 +506,26 @@ class Module:
             for _, m in idx.modules:
                 m.__dict__.pop("forward", None)
         counted: set[int] = set()
+        first_path: dict[int, str] = {}
         rows = [("Layer (path)", "Type", "Output shape", "Params")]
-        for path, m in idx.modules:
+
+        def walk(m, path):  # every use of every module, shared ones included
+            yield path, m
+            for name, child in m._modules.items():
+                yield from walk(child, f"{path}.{name}" if path else name)
+
+        for path, m in walk(self, ""):
             n = 0
             for p in m._params.values():
                 if id(p) not in counted and not p._is_buffer:
                     counted.add(id(p))
                     n += p.size
+            kind = type(m).__name__
+            if id(m) in first_path:
+                kind += f" (shared with {first_path[id(m)]})"
+            first_path.setdefault(id(m), path)
             depth = path.count(".") + 1 if path else 0
-            rows.append(("  " * depth + (path or "(model)"), type(m).__name__, outputs.get(id(m), "-"), f"{n:,}"))
+            rows.append(("  " * depth + (path or "(model)"), kind, outputs.get(id(m), "-"), f"{n:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         params = [p for _, p in idx.entries if not p._is_buffer]

@@ -236,15 +236,21 @@ class Parameter:
             if m is not None:
                 m.__dict__[name] = array
 
-    def _assign(self, new) -> None:
-        """Set the value from user data, keeping shape and dtype (values are cast to the dtype)."""
+    def _assign(self, new, fresh: bool = False) -> None:
+        """Set the value from user data, keeping shape and dtype (values are cast to the dtype).
+
+        The parameter never shares memory with the caller's array: values are copied into the current
+        array where there is one, and copied otherwise unless ``fresh`` (the caller hands over an array
+        nobody else holds, as a checkpoint load does).
+        """
         from .backends import backend_of
 
         b = self.backend
         other = backend_of(new)
-        if other is not b:
-            new = b.from_other(new, self._device) if other is not None else b.from_numpy(
-                np.asarray(new, dtype=_np_dtype(self.dtype)), self._device)
+        if other is None:
+            new, fresh = b.from_numpy(np.asarray(new, dtype=_np_dtype(self.dtype)), self._device), True
+        elif other is not b:
+            new = b.from_other(new, self._device)
         shape = tuple(new.shape)
         if self.is_built and shape != self.shape:
             raise ShapeError(self._owner_module(), f"parameter '{self.name}' has shape "
@@ -253,9 +259,11 @@ class Parameter:
         if not self.is_built:
             self.materialize(shape)
         if b.dtype_name(new) != self.dtype:
-            new = b.xp.astype(new, b.dtype(self.dtype))
+            new, fresh = b.xp.astype(new, b.dtype(self.dtype)), True
         if new is self._value:
             return
+        if self._value is None and not fresh:
+            new = b.copy(new)
         self._set_value(new)
 
     def __repr__(self) -> str:
