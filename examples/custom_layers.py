@@ -62,7 +62,8 @@ def main(backend: str) -> None:
     cell("net = Sequential(Linear(128), CenteredLayer()); net(rand(4, 8)).mean()")
     net = lm.Sequential(lm.Linear(128), CenteredLayer())
     Y = net(rng.random((4, 8), dtype=np.float32))
-    print(type(Y).__module__ + "." + type(Y).__name__, tuple(Y.shape), "mean:", float(lm.get_backend().to_numpy(Y).mean()))
+    mean = float(lm.get_backend().to_numpy(Y).mean())
+    print(f"{type(Y).__module__}.{type(Y).__name__}", tuple(Y.shape), "mean:", mean)
     print(net)
 
     cell("linear = MyLinear(5, 3); linear.weight")

@@ -7,9 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import BACKENDS, MyDense, MyLinear, rand, to_np
 
 import lamina as lm
+
+from conftest import BACKENDS, MyDense, MyLinear, rand, to_np
 
 
 def on(backend, a):

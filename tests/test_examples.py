@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]

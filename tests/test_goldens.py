@@ -4,9 +4,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from conftest import to_np
 
 import lamina as lm
+
+from conftest import to_np
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 

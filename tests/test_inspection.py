@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, MyLinear, rand, to_np
 
 import lamina as lm
+
+from conftest import BACKENDS, MyLinear, rand, to_np
 
 
 def test_summary_builds_lazy_model_and_counts_tied_once(backend):

@@ -7,7 +7,6 @@ from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
 
-
 # N(0, (1/in)^2), with ``in`` read from the shape when the values are drawn
 _DEFAULT_INIT = _init.Initializer(lambda shape, rng: rng.normal(0.0, 1.0 / shape[0], shape), "normal(0, 1/in)")
 
