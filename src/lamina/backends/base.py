@@ -69,6 +69,11 @@ class Backend:
         """The array to hand to ``forward`` for a parameter (a ``torch.nn.Parameter`` on torch)."""
         return value
 
+    def host_view(self, x) -> np.ndarray | None:
+        """A writable NumPy view of ``x``'s own memory, or None where there is none (immutable arrays,
+        another device). Checkpoint loading reads file bytes straight into it."""
+        return None
+
     def set_trainable(self, value, flag: bool) -> None:
         """Switch gradient tracking of a parameter's value on or off (only torch tracks it on arrays)."""
 

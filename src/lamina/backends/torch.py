@@ -57,6 +57,16 @@ class TorchBackend(Backend):
             return value
         return torch.nn.Parameter(value.detach(), requires_grad=trainable and value.is_floating_point())
 
+    def host_view(self, x):
+        if x.device.type != "cpu" or not x.is_contiguous():
+            return None
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+
     def set_trainable(self, value, flag):
         value.requires_grad_(flag and value.is_floating_point())
 
