@@ -359,3 +359,13 @@ def test_save_keeps_file_permissions(backend, tmp_path):
     os.chmod(path, 0o640)
     lm.save(np.ones(1), path)
     assert (path.stat().st_mode & 0o777) == 0o640
+
+
+def test_failed_file_load_leaves_model_untouched(backend, tmp_path):
+    lm.save(lm.Sequential(lm.Linear(4, 3), lm.ReLU(), lm.Linear(3, 5)), tmp_path / "other.st")
+    net = lm.Sequential(lm.Linear(4, 3), lm.ReLU(), lm.Linear(3, 2))
+    before = {k: to_np(v).copy() for k, v in net.state_dict().items()}
+    with pytest.raises(lm.CheckpointError, match=r"2\.weight: shape \(3, 5\) in the checkpoint, \(3, 2\) in the model"):
+        lm.load_into(net, tmp_path / "other.st")
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(to_np(v), before[k])  # 0.weight matched, yet was not written

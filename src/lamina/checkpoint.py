@@ -189,7 +189,7 @@ class _Reader:
         except Exception as e:
             raise CheckpointError(f"cannot load '{self.path}': {_diagnose_file(self.path)} ({e})") from None
         self._offsets = self._data_offsets()
-        self._fd = None
+        self._raw = None
         order = self.meta.get("keys")
         if order:
             try:
@@ -239,11 +239,12 @@ class _Reader:
         buf = memoryview(out.reshape(-1).view(np.uint8))
         if len(buf) != count:
             return False
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        if self._raw is None:
+            self._raw = open(self.path, "rb", buffering=0)  # unbuffered: readinto goes straight to `out`
+        self._raw.seek(offset)
         done = 0
         while done < count:  # 8 MiB at a time: measured steadier than one huge read into fresh pages
-            got = os.preadv(self._fd, [buf[done:done + (8 << 20)]], offset + done)
+            got = self._raw.readinto(buf[done:done + (8 << 20)])
             if got <= 0:
                 raise CheckpointError(f"cannot read tensor {key!r} of '{self.path}': the file ended early "
                                       "(was it changed while loading?)")
@@ -268,8 +269,8 @@ class _Reader:
             raise CheckpointError(f"cannot read tensor {key!r} of '{self.path}': {e}") from None
 
     def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
+        if self._raw is not None:
+            self._raw.close()
         self._cm.__exit__(None, None, None)
 
     def __enter__(self):
