@@ -17,14 +17,10 @@ import argparse
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(__file__))
-import lamina as lm  # noqa: E402
+import lamina as lm
 
 
 def _status(field: str) -> int:
@@ -120,7 +116,8 @@ def main():
     durable_ratio = results["save"]["lamina lm.save"][0] / results["save"][ref["save"]][0]
     load_ratio = results["load"]["lamina lm.load_into"][0] / results["load"][ref["load"]][0]
     peak = max(results["save"]["lamina lm.save"][1], results["load"]["lamina lm.load_into"][1])
-    print(f"\nSummary: save x{save_ratio:.2f} (durable=True: x{durable_ratio:.2f}, the disk flush), load_into x{load_ratio:.2f} of safetensors (target <= 1.2); "
+    print(f"\nSummary: save x{save_ratio:.2f} (durable=True: x{durable_ratio:.2f}, the disk flush), "
+          f"load_into x{load_ratio:.2f} of safetensors (target <= 1.2); "
           f"peak memory {1 + peak / size:.2f}x the model (target <= 1.5)")
 
 
