@@ -9,7 +9,7 @@ JAX and NumPy.
 Importing lamina imports no backend; a backend's library is imported the first time it is used.
 """
 
-from . import init, ops
+from . import init, losses, ops, optim
 from .backends import available_backends, backend_of, devices, get_backend, set_backend
 from .checkpoint import load, load_into, save
 from .errors import (
@@ -43,16 +43,19 @@ from .layers import (
 )
 from .module import Module
 from .parameter import Buffer, Parameter
+from .train import Callback, Checkpoint, EarlyStopping, History, evaluate, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
     # core
-    "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
+    "Module", "Parameter", "Buffer", "init", "ops", "losses", "optim", "manual_seed",
     # backends
     "set_backend", "get_backend", "backend_of", "available_backends", "devices",
     # checkpoints
     "save", "load", "load_into",
+    # training
+    "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint",
     # pure functions and gradients
     "functional_call", "value_and_grad",
     # layers

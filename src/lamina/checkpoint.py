@@ -44,7 +44,10 @@ _FLOATS = {"float16", "bfloat16", "float32", "float64"}
 
 
 # ----- writing ------------------------------------------------------------------------------------
-def save(obj, path, *, metadata: dict | None = None, durable: bool = True) -> None:
+_OPTIM = "@optimizer/"  # key prefix of optimizer state in a model checkpoint
+
+
+def save(obj, path, *, metadata: dict | None = None, durable: bool = True, optimizer=None) -> None:
     """Save a model's parameters, one array, a list or tuple of arrays, or a dict of str -> array.
 
     Arrays may come from any backend; each keeps its dtype exactly (bfloat16 through ml_dtypes).
@@ -57,6 +60,10 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True) -> No
     behind; that costs the disk's write time (for a few hundred MB, a few tenths of a second).
     ``durable=False`` skips the flush, as ``torch.save`` and ``safetensors`` do.
 
+    ``optimizer``: with a model, also store that optimizer's state (moments, step counts) under keys
+    ``@optimizer/<parameter>/<slot>``, so that ``load_into(model, path, optimizer=...)`` resumes training
+    exactly where it stopped.
+
     >>> import lamina as lm, numpy as np, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "arrays.safetensors")
     >>> lm.save({"steps": np.arange(3), "w": np.ones(2, "float16")}, path)
@@ -67,6 +74,12 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True) -> No
     if isinstance(obj, Module):
         tensors, aliases = _module_tensors(obj)
         meta.update(kind="module", aliases=json.dumps(aliases), **{"class": type(obj).__name__})
+        if optimizer is not None:
+            for k, v in optimizer.state_dict().items():
+                tensors[_OPTIM + k] = _host(v, f"optimizer state {k!r}")
+            meta.update(optimizer=type(optimizer).__name__, optimizer_steps=str(optimizer.steps))
+    elif optimizer is not None:
+        raise TypeError("lm.save: optimizer= goes with a model checkpoint")
     elif isinstance(obj, dict):
         bad = [k for k in obj if not isinstance(k, str) or not k]
         if bad:
@@ -319,6 +332,7 @@ def load(path, backend=None, device=None):
     with _Reader(path) as r:
         arrays = {k: b.from_numpy(r.get(k), device, copy=False) for k in r.keys}
         kind = r.kind
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(_OPTIM)}
     if kind == "array":
         return arrays["array"]
     if kind in ("list", "tuple"):
@@ -328,16 +342,28 @@ def load(path, backend=None, device=None):
 
 
 def load_into(model: Module, path, *, strict: bool = True, allow_missing: bool = False,
-              ignore_extra: bool = False) -> Module:
+              ignore_extra: bool = False, optimizer=None) -> Module:
     """Load a checkpoint file into ``model``'s parameters and buffers, all or nothing.
 
     See ``Module.load_state_dict`` for the rules. Tied parameters recorded in the file are tied in
-    ``model`` too. Returns the model.
+    ``model`` too. With ``optimizer``, its state and step count are restored from the file as well
+    (the file must hold them). Returns the model.
     """
     with _Reader(path) as r:
-        plan = _plan(model, r.specs, r.aliases, allow_missing or not strict, ignore_extra or not strict,
+        specs = {k: v for k, v in r.specs.items() if not k.startswith(_OPTIM)}
+        optim_keys = [k for k in r.keys if k.startswith(_OPTIM)]
+        if optimizer is not None and not optim_keys:
+            raise CheckpointError(f"cannot restore the optimizer from '{r.path}': it holds no optimizer state "
+                                  "(save it with lm.save(model, path, optimizer=opt))")
+        if optimizer is not None and r.meta.get("optimizer") not in (None, type(optimizer).__name__):
+            raise CheckpointError(f"'{r.path}' holds {r.meta['optimizer']} state; cannot restore a "
+                                  f"{type(optimizer).__name__} from it")
+        plan = _plan(model, specs, r.aliases, allow_missing or not strict, ignore_extra or not strict,
                      source=f"'{r.path}'")
         _apply(model, plan, r.get, reader=r)
+        if optimizer is not None:
+            optimizer.load_state_dict({k[len(_OPTIM):]: r.get(k) for k in optim_keys},
+                                      steps=int(r.meta.get("optimizer_steps", "0")))
     return model
 
 

@@ -466,6 +466,13 @@ class Module:
         _apply(self, plan, state.__getitem__)
         return self
 
+    def predict(self, data, batch_size: int = 256):
+        """Outputs for ``data`` (an array or an iterable of input batches), in batches, in eval mode,
+        without gradients (see ``lm.train.predict``)."""
+        from .train import predict
+
+        return predict(self, data, batch_size)
+
     def summary(self, *input_shapes, print_fn=print) -> str:
         """Print (and return) a table of the layers: dotted path, type, output shape, parameter count,
         then the totals (tied parameters counted once) and the parameter bytes. Builds a lazy model

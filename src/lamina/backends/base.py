@@ -119,6 +119,16 @@ class Backend:
             "weights here for inference"
         )
 
+    # ----- training ----------------------------------------------------------------------------------
+    def optimizer(self, kind: str, hyper: dict):
+        """This backend's implementation of an optimizer (see ``lamina.optim``)."""
+        raise BackendError(f"the {self.name} backend cannot train (it has no automatic differentiation); "
+                           "train on torch or jax and load the weights here")
+
+    def train_step(self, model, loss_fn, optimizer, compile: bool | None):
+        """A function ``step(x, y, lr) -> (loss, outputs)`` that does one forward, backward and update."""
+        return self.optimizer(optimizer.kind, {})
+
     # ----- ops: generic Array-API versions; backends override the hot ones --------------------------
     def relu(self, x):
         return self.xp.where(x > 0, x, self.xp.zeros_like(x))
@@ -162,6 +172,32 @@ class Backend:
 
     def rfft(self, x):
         return self.xp.fft.rfft(x)
+
+    # ----- losses and metrics (means over the batch) ----------------------------------------------------
+    def is_integral(self, x) -> bool:
+        return self.xp.isdtype(x.dtype, "integral")
+
+    def cross_entropy(self, logits, labels):
+        xp = self.xp
+        logp = self.log_softmax(logits, -1)
+        if self.is_integral(labels):
+            picked = xp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+            return -xp.mean(picked)
+        return -xp.mean(xp.sum(labels * logp, axis=-1))
+
+    def binary_cross_entropy_with_logits(self, logits, targets):
+        xp = self.xp  # max(x, 0) - x * y + log(1 + exp(-|x|)): stable for large |x|
+        return xp.mean(xp.maximum(logits, 0.0) - logits * targets + xp.log1p(xp.exp(-xp.abs(logits))))
+
+    def mse(self, pred, target):
+        d = pred - target
+        return self.xp.mean(d * d)
+
+    def accuracy(self, scores, labels):
+        xp = self.xp
+        if not self.is_integral(labels):
+            labels = xp.argmax(labels, axis=-1)
+        return xp.mean(xp.astype(xp.argmax(scores, axis=-1) == labels, scores.dtype))
 
     def dropout(self, x, rate: float, training: bool = True, key=None):
         if not training or rate == 0.0:

@@ -81,6 +81,48 @@ class JaxBackend(Backend):
     def value_and_grad(self, f, params, has_aux=False):
         return jax.value_and_grad(f, has_aux=has_aux)(params)
 
+    # ----- training ----------------------------------------------------------------------------------
+    def optimizer(self, kind, hyper):
+        return _JaxOptimizer(self, kind, hyper)
+
+    def train_step(self, model, loss_fn, optimizer, compile):
+        """One ``jax.jit`` program per input shape: forward, gradient and optimizer update together, with
+        the parameters and optimizer state donated so XLA updates them in place."""
+        from ..functional import _swapped
+
+        engine = optimizer.engine(self)
+        paths = {id(p): path for path, p in model._index().entries}
+
+        def pure(params, consts, state, x, y, scalars):
+            def f(ps):
+                with _swapped(model, {**consts, **{names_to_paths[k]: v for k, v in ps.items()}}):
+                    out = model(x)
+                return loss_fn(out, y), out
+
+            (loss, out), grads = jax.value_and_grad(f, has_aux=True)(params)
+            params, state = engine.update(grads, state, params, scalars)
+            return params, state, loss, out
+
+        run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 2))
+        names_to_paths: dict = {}
+
+        def step(x, y, lr):
+            entries = optimizer.entries()
+            names_to_paths.clear()
+            names_to_paths.update({k: paths.get(id(p), k) for k, p in entries})
+            params = {k: p.value for k, p in entries}
+            trainable = {id(p) for _, p in entries}
+            consts = {path: p.value for path, p in model._index().entries if id(p) not in trainable}
+            engine.ensure(params)
+            params, engine.state, loss, out = run(params, consts, engine.state, x, y, engine.scalars(lr))
+            engine.count += 1
+            for k, p in entries:
+                p._set_value(params[k])
+            return loss, out
+
+        step.compiled = run  # exposed so tests can count compilations
+        return step
+
     # ----- native ops --------------------------------------------------------------------------------
     # Eager jax.nn.relu costs ~100 us (custom_jvp dispatch) against ~9 us for jnp.maximum, but
     # maximum's gradient at 0 is 0.5 where torch's and jax.nn.relu's is 0. Only traced arrays can be
@@ -132,3 +174,96 @@ class JaxBackend(Backend):
             key = jax.random.key(key)
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
         return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class _JaxOptimizer:
+    """lamina.optim on jax: torch.optim's update rules, written with jax.numpy in torch's order of
+    operations, so that both backends follow the same trajectory (checked within 1e-6 over 100 steps).
+    optax was tried first and drifted by up to 3e-6 over 100 steps (its Adam and AdamW group the same
+    arithmetic differently). Like torch, the per-step scalars (learning rate, bias corrections) are
+    computed in double precision in Python and rounded once to float32; they enter the compiled step as
+    data, so a schedule never recompiles it. State names match torch's (``{name}/exp_avg``, ...), so an
+    optimizer state saved on one backend loads on the other."""
+
+    def __init__(self, backend, kind, hyper):
+        self.backend, self.kind, self.h = backend, kind, hyper
+        self.state = None
+        self.names: list = []
+        self.count = 0  # updates done, mirrored on the host to build the scalars without a device sync
+        self._eager_update = jax.jit(self.update)
+
+    def ensure(self, params):
+        if self.state is None or list(params) != self.names:
+            slots = (["momentum_buffer"] if self.h.get("momentum") else []) if self.kind == "sgd" else [
+                "exp_avg", "exp_avg_sq"]
+            self.state = {slot: {k: jnp.zeros_like(v) for k, v in params.items()} for slot in slots}
+            self.names = list(params)
+            self.count = 0
+
+    def scalars(self, lr):
+        t = self.count + 1
+        out = {"lr": lr}
+        if self.kind != "sgd":
+            b1, b2 = self.h["betas"]
+            out["step_size"] = lr / (1 - b1**t)
+            out["bc2_sqrt"] = (1 - b2**t) ** 0.5
+            out["decay"] = 1 - lr * self.h["weight_decay"]
+        return {k: jnp.float32(v) for k, v in out.items()}
+
+    def update(self, grads, state, params, s):
+        h, new_params = self.h, {}
+        new_state = {slot: {} for slot in state}
+        wd = h["weight_decay"]
+        for k, p in params.items():
+            g = grads[k]
+            if self.kind == "sgd":
+                if wd:
+                    g = g + wd * p
+                if "momentum_buffer" in state:  # the first buffer is g itself: 0 * m + g
+                    m = h["momentum"]
+                    buf = state["momentum_buffer"][k] * m + g
+                    new_state["momentum_buffer"][k] = buf
+                    g = g + m * buf if h["nesterov"] else buf
+                new_params[k] = p + (-s["lr"]) * g
+                continue
+            b1, b2 = h["betas"]
+            if self.kind == "adamw":
+                p = p * s["decay"]
+            elif wd:
+                g = g + wd * p
+            m = state["exp_avg"][k]
+            m = m + (1 - b1) * (g - m)  # torch.lerp for weights below 0.5
+            v = state["exp_avg_sq"][k] * b2 + (1 - b2) * (g * g)
+            denom = jnp.sqrt(v) / s["bc2_sqrt"] + h["eps"]
+            new_params[k] = p + (-s["step_size"]) * (m / denom)
+            new_state["exp_avg"][k], new_state["exp_avg_sq"][k] = m, v
+        return new_params, new_state
+
+    def step(self, entries, grads, lr):
+        params = {k: p.value for k, p in entries}
+        self.ensure(params)
+        new, self.state = self._eager_update({k: grads[k] for k in params}, self.state, params, self.scalars(lr))
+        self.count += 1
+        for k, p in entries:
+            p._set_value(new[k])
+
+    def state_dict(self, entries):
+        self.ensure({k: p.value for k, p in entries})
+        out = {}
+        for k in self.names:
+            out[f"{k}/step"] = jnp.float32(self.count)
+            for slot, arrays in self.state.items():
+                out[f"{k}/{slot}"] = arrays[k]
+        return out
+
+    def load_state_dict(self, entries, arrays):
+        params = {k: p.value for k, p in entries}
+        self.ensure(params)
+        expected = {f"{k}/{slot}" for k in self.names for slot in [*self.state, "step"]}
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        if missing or extra:
+            raise ValueError(f"optimizer state does not fit this optimizer: missing {missing}, unexpected {extra}")
+        host = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for k, v in arrays.items()}
+        self.state = {slot: {k: jnp.asarray(host[f"{k}/{slot}"], dtype=params[k].dtype) for k in self.names}
+                      for slot in self.state}
+        self.count = int(host[f"{self.names[0]}/step"]) if self.names else 0

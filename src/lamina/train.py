@@ -1,0 +1,295 @@
+"""The training loop: ``fit``, ``evaluate``, ``predict``, a ``History``, and callbacks with named events.
+
+One train step (forward, gradient, update) comes from the model's backend (``backend.train_step``): on
+jax it is a single ``jax.jit`` program, compiled once per batch shape; on torch it runs eagerly, or
+through ``torch.compile`` with ``compile=True``. This file only feeds it batches and keeps the books.
+
+>>> import lamina as lm, numpy as np
+>>> lm.set_backend("numpy"); net = lm.Linear(1)
+<lamina backend 'numpy'>
+>>> lm.fit(net, lm.losses.mse, lm.optim.SGD(net), (np.zeros((4, 2)), np.zeros((4, 1))))
+Traceback (most recent call last):
+...
+lamina.errors.BackendError: the numpy backend cannot train (it has no automatic differentiation); train on torch or jax and load the weights here
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from .backends import backend_of
+from .module import Module
+
+__all__ = ["fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint"]
+
+Loss = Callable[..., object]
+
+
+# ----- batches ------------------------------------------------------------------------------------
+def _batches(data, batch_size: int, shuffle: bool, rng: np.random.Generator | None):
+    """Yield (x, y) batches from (X, Y) arrays, or pass through any iterable of (x, y) batches."""
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        x, y = data
+        n = x.shape[0]
+        if y.shape[0] != n:
+            raise ValueError(f"inputs have {n} rows but targets have {y.shape[0]}")
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield _take(x, idx), _take(y, idx)
+    else:
+        yield from data
+
+
+def _take(a, idx):
+    b = backend_of(a)
+    if b is None or b.name == "numpy":
+        return np.asarray(a)[idx]
+    return a[b.from_numpy(idx, b.device_of(a))]
+
+
+def _n_batches(data, batch_size):
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        return math.ceil(data[0].shape[0] / batch_size)
+    return len(data) if hasattr(data, "__len__") else None
+
+
+def _to_model(model: Module, a):
+    return model._convert_inputs((a,))[0]
+
+
+def _float(x) -> float:
+    b = backend_of(x)
+    return float(b.to_numpy(x)) if b is not None else float(x)
+
+
+def _metric_name(m) -> str:
+    return getattr(m, "__name__", type(m).__name__)
+
+
+# ----- history and callbacks ----------------------------------------------------------------------
+class History:
+    """Per-epoch figures: ``history.history["loss"]``, ``["val_accuracy"]``, ..., one value per epoch."""
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {}
+        self.epochs: list[int] = []
+
+    def record(self, epoch: int, logs: dict) -> None:
+        self.epochs.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def plot(self, path, title: str = "Training") -> None:
+        """Write a PNG with one panel for the losses and one for the other metrics, per epoch."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        losses = [k for k in self.history if k.endswith("loss")]
+        others = [k for k in self.history if k not in losses]
+        fig, axes = plt.subplots(1, 2 if others else 1, figsize=(10 if others else 5, 3.6), squeeze=False)
+        epochs = [e + 1 for e in self.epochs]
+        for ax, keys, label in ((axes[0][0], losses, "loss"), *(((axes[0][1], others, "metric"),) if others else ())):
+            for k in keys:
+                ax.plot(epochs, self.history[k], marker="o", label=k)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+class Callback:
+    """Subclass and override any of the events; ``self.trainer`` is set before training begins (it has
+    ``model``, ``optimizer``, ``history`` and ``stop``: set ``trainer.stop = True`` to end training)."""
+
+    trainer = None
+
+    def on_train_begin(self, logs: dict) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict) -> None: ...
+    def on_batch_end(self, batch: int, logs: dict) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict) -> None: ...
+    def on_train_end(self, logs: dict) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs; with
+    ``restore_best=True`` the model gets back the values of its best epoch."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 3, min_delta: float = 0.0, mode: str = "min",
+                 restore_best: bool = True):
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
+        self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
+        self.restore_best = restore_best
+        self.best, self.wait, self.best_epoch, self._best_values = None, 0, None, None
+
+    def on_epoch_end(self, epoch, logs):
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r} but the epoch logs have {sorted(logs)}")
+        value = logs[self.monitor] * (1 if self.mode == "min" else -1)
+        if self.best is None or value < self.best - self.min_delta:
+            self.best, self.wait, self.best_epoch = value, 0, epoch
+            if self.restore_best:
+                model = self.trainer.model
+                self._best_values = {k: model._backend.copy(v) for k, v in model.state_dict().items()}
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.trainer.stop = True
+
+    def on_train_end(self, logs):
+        if self.restore_best and self._best_values is not None and self.best_epoch != self.trainer.epoch:
+            self.trainer.model.load_state_dict(self._best_values)
+
+
+class Checkpoint(Callback):
+    """Save the model (and optimizer state) through ``lm.save`` at the end of each epoch.
+
+    ``path`` may contain ``{epoch}`` (counted from 1) and any logged figure, e.g.
+    ``"ckpt-{epoch:02d}-{val_loss:.3f}.safetensors"``; ``save_best_only`` with ``monitor``/``mode`` keeps
+    only improvements."""
+
+    def __init__(self, path: str, monitor: str | None = None, mode: str = "min", save_best_only: bool = False):
+        self.path, self.monitor, self.mode, self.save_best_only = str(path), monitor, mode, save_best_only
+        self.best = None
+        self.saved: list[str] = []
+
+    def on_epoch_end(self, epoch, logs):
+        from .checkpoint import save
+
+        if self.save_best_only:
+            value = logs[self.monitor] * (1 if self.mode == "min" else -1)
+            if self.best is not None and value >= self.best:
+                return
+            self.best = value
+        path = self.path.format(epoch=epoch + 1, **logs)
+        save(self.trainer.model, path, optimizer=self.trainer.optimizer, durable=False)
+        self.saved.append(path)
+
+
+class _Trainer:
+    def __init__(self, model, optimizer, history):
+        self.model, self.optimizer, self.history = model, optimizer, history
+        self.stop = False
+        self.epoch = -1
+
+
+# ----- the loop -----------------------------------------------------------------------------------
+def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, batch_size: int = 32,
+        validation_data=None, metrics: Iterable = (), callbacks: Iterable[Callback] = (), shuffle: bool = True,
+        seed: int | None = 0, progress: bool | None = None, compile: bool | None = None) -> History:
+    """Train ``model`` to minimize ``loss(outputs, targets)`` with ``optimizer``.
+
+    ``train_data``: ``(X, Y)`` arrays (NumPy or the backend's), cut into batches of ``batch_size`` and
+    shuffled each epoch from ``seed`` when ``shuffle``; or any iterable of ``(x, y)`` batches, used as
+    given. ``validation_data``: the same forms, evaluated after each epoch (logged as ``val_*``).
+    ``metrics``: functions ``metric(outputs, targets)`` such as ``lm.losses.accuracy``.
+    ``progress``: a tqdm bar with the running loss and metrics; ``None`` shows it only on a terminal.
+    ``compile``: jax always compiles the step unless ``False``; torch runs eagerly unless ``True``
+    (``torch.compile``). Returns the ``History``.
+    """
+    from tqdm.auto import tqdm
+
+    if optimizer is None or not hasattr(optimizer, "engine"):
+        raise TypeError(f"fit needs an lm.optim optimizer, e.g. lm.optim.Adam(model), got {optimizer!r}")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
+    metrics = list(metrics)
+    history = History()
+    trainer = _Trainer(model, optimizer, history)
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        cb.trainer = trainer
+    rng = np.random.default_rng(seed)
+    step = model._backend.train_step(model, loss, optimizer, compile)
+    for cb in callbacks:
+        cb.on_train_begin({})
+    model.train()
+    for epoch in range(epochs):
+        trainer.epoch = epoch
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch, {})
+        totals = {"loss": 0.0, **{_metric_name(m): 0.0 for m in metrics}}
+        seen = 0
+        bar = tqdm(_batches(train_data, batch_size, shuffle, rng), total=_n_batches(train_data, batch_size),
+                   desc=f"epoch {epoch + 1}/{epochs}", disable=(not sys.stderr.isatty()) if progress is None
+                   else not progress, leave=True, dynamic_ncols=True)
+        for i, (xb, yb) in enumerate(bar):
+            xb, yb = _to_model(model, xb), _to_model(model, yb)
+            if seen == 0 and model._needs_build():
+                model._dry_run((xb,))  # so the optimizer sees every parameter from the first step on
+            lr = optimizer.current_lr()
+            loss_value, out = step(xb, yb, lr)
+            optimizer.steps += 1
+            n = xb.shape[0]
+            seen += n
+            logs = {"loss": _float(loss_value)}
+            for m in metrics:
+                logs[_metric_name(m)] = _float(m(out, yb))
+            for k, v in logs.items():
+                totals[k] += v * n
+            bar.set_postfix({k: f"{totals[k] / seen:.4f}" for k in totals}, refresh=False)
+            for cb in callbacks:
+                cb.on_batch_end(i, logs)
+        bar.close()
+        logs = {k: v / max(seen, 1) for k, v in totals.items()}
+        if validation_data is not None:
+            logs.update({f"val_{k}": v for k, v in evaluate(model, loss, validation_data, metrics=metrics,
+                                                             batch_size=batch_size).items()})
+            model.train()
+        history.record(epoch, logs)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, logs)
+        if trainer.stop:
+            break
+    model.eval()
+    for cb in callbacks:
+        cb.on_train_end(history.history)
+    return history
+
+
+def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), batch_size: int = 256) -> dict:
+    """Mean ``loss`` and metrics of ``model`` over ``data`` (same forms as ``fit``), in eval mode, without
+    gradients. Returns ``{"loss": ..., "<metric>": ...}``."""
+    metrics = list(metrics)
+    totals = {**({"loss": 0.0} if loss is not None else {}), **{_metric_name(m): 0.0 for m in metrics}}
+    seen = 0
+    model.eval()
+    with model._backend.no_grad():
+        for xb, yb in _batches(data, batch_size, False, None):
+            xb, yb = _to_model(model, xb), _to_model(model, yb)
+            out = model(xb)
+            n = xb.shape[0]
+            seen += n
+            if loss is not None:
+                totals["loss"] += _float(loss(out, yb)) * n
+            for m in metrics:
+                totals[_metric_name(m)] += _float(m(out, yb)) * n
+    return {k: v / max(seen, 1) for k, v in totals.items()}
+
+
+def predict(model: Module, data, batch_size: int = 256):
+    """``model``'s outputs for ``data`` (an array, or an iterable of input batches), computed in
+    batches in eval mode without gradients and joined along the first axis."""
+    model.eval()
+    b = model._backend
+    if hasattr(data, "shape"):
+        data = [data[i:i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    with b.no_grad():
+        outs = [model(_to_model(model, xb)) for xb in data]
+    return b.xp.concat(outs, axis=0) if outs else None
