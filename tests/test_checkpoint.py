@@ -27,6 +27,7 @@ DTYPE_SAMPLES = {
     "int8": np.array([-128, 127], np.int8),
     "uint8": np.array([0, 255], np.uint8),
     "bool": np.array([True, False, True]),
+    "scalar": np.array(2.5, np.float32),
 }
 
 
@@ -45,6 +46,7 @@ def test_single_array_keeps_dtype_and_values(backend, tmp_path):
         assert lm.backend_of(back).name == backend
         host = to_np(back)
         assert host.dtype == DTYPE_SAMPLES[name].dtype, name
+        assert host.shape == DTYPE_SAMPLES[name].shape, name
         np.testing.assert_array_equal(host, DTYPE_SAMPLES[name])
 
 

@@ -23,7 +23,7 @@ def test_public_api_is_pinned():
         "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
         "set_backend", "get_backend", "backend_of", "available_backends", "devices",
         "save", "load", "load_into",
-        "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint", "losses", "optim",
+        "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint", "losses", "optim", "testing",
         "functional_call", "value_and_grad",
         "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU",
         "Softmax", "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",

@@ -9,7 +9,7 @@ JAX and NumPy.
 Importing lamina imports no backend; a backend's library is imported the first time it is used.
 """
 
-from . import init, losses, ops, optim
+from . import init, losses, ops, optim, testing
 from .backends import available_backends, backend_of, devices, get_backend, set_backend
 from .checkpoint import load, load_into, save
 from .errors import (
@@ -49,7 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # core
-    "Module", "Parameter", "Buffer", "init", "ops", "losses", "optim", "manual_seed",
+    "Module", "Parameter", "Buffer", "init", "ops", "losses", "optim", "testing", "manual_seed",
     # backends
     "set_backend", "get_backend", "backend_of", "available_backends", "devices",
     # checkpoints

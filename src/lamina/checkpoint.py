@@ -124,7 +124,7 @@ def _host(x, what: str) -> np.ndarray:
     a = b.to_numpy(x)
     if a.dtype.kind == "c" and a.dtype != np.complex64:
         raise TypeError(f"lm.save: {what} has dtype {a.dtype}; safetensors stores complex64 but not {a.dtype}")
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
 def _atomic_write(path: Path, tensors: dict, meta: dict, durable: bool) -> None:

@@ -111,7 +111,10 @@ class TorchBackend(Backend):
         with torch.enable_grad():
             out = f(params)
             loss = out[0] if has_aux else out
-            grads = torch.autograd.grad(loss, [params[p] for p in paths], allow_unused=True)
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, [params[p] for p in paths], allow_unused=True)
+            else:  # the loss does not depend on any parameter: every gradient is zero (as jax says)
+                grads = [None] * len(paths)
         grads = {p: torch.zeros_like(params[p]) if g is None else g for p, g in zip(paths, grads)}
         return (out if has_aux else loss.detach()), grads
 

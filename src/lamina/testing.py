@@ -1,0 +1,202 @@
+"""A public conformance check that any layer, a user's too, can be run through.
+
+>>> import lamina as lm
+>>> lm.set_backend("numpy"); report = lm.testing.check_layer(lm.Linear(3), (4, 5))
+<lamina backend 'numpy'>
+>>> report["output shape"]
+'(4, 3)'
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+
+from .backends import available_backends, get_backend
+from .module import Module
+
+__all__ = ["check_layer", "LayerCheckError"]
+
+
+class LayerCheckError(AssertionError):
+    """A layer failed ``check_layer``; the message lists every failed check."""
+
+
+def _host(layer: Module, y) -> np.ndarray:
+    return np.asarray(layer._backend.to_numpy(y))
+
+
+def _real_parts(y: np.ndarray) -> np.ndarray:
+    return np.concatenate([y.real.ravel(), y.imag.ravel()]) if np.iscomplexobj(y) else y.ravel()
+
+
+def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None = None,
+                param_names: list[str] | None = None, input_fn: Callable | None = None,
+                backends: list[str] | None = None, rtol: float = 1e-4, atol: float = 1e-5,
+                seed: int = 0, verbose: bool = False) -> dict:
+    """Run ``layer`` through the checks every layer must pass, and return a report ``{check: result}``.
+
+    1. It builds for inputs of ``input_shape`` (``None`` axes become 2) and its output has
+       ``output_shape`` (``None`` matches any size), when given.
+    2. Its parameter names are dotted paths that ``get_parameter`` resolves, each parameter listed once,
+       and equal ``param_names`` when given; ``state_dict`` holds them and the persistent buffers.
+    3. A save/load round trip through a safetensors file restores its outputs exactly.
+    4. One SGD step on a random linear loss changes every trainable parameter.
+    5. Its gradients agree with central finite differences computed in float64 on the numpy backend
+       (a few coordinates of each parameter).
+    6. Its outputs agree on every installed backend (or ``backends``) within ``rtol``/``atol``.
+
+    Checks 4 and 5 need a backend with autodiff (torch or jax) installed. The layer is used in eval mode
+    and left as it was found: same backend, values and mode. ``input_fn(shape, rng) -> np.ndarray``
+    makes the inputs (default: standard normal float32). Raises ``LayerCheckError`` listing every
+    failed check.
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(2 if s is None else s for s in input_shape)
+    x = input_fn(shape, rng) if input_fn is not None else rng.standard_normal(shape).astype(np.float32)
+    home = layer._backend.name
+    modes = [(m, m.training) for m in layer.modules()]
+    report: dict[str, str] = {}
+    failures: list[str] = []
+
+    def fail(check, msg):
+        report[check] = "FAILED: " + msg
+        failures.append(f"{check}: {msg}")
+
+    folder = tempfile.mkdtemp(prefix="lamina-check-")
+    saved = os.path.join(folder, "layer.safetensors")
+    try:
+        layer.eval()
+        # 1. build and output shape
+        layer.build(shape)
+        y = _host(layer, layer(x))
+        report["output shape"] = str(tuple(y.shape))
+        if output_shape is not None and (len(output_shape) != y.ndim or any(
+                o is not None and o != s for o, s in zip(output_shape, y.shape))):
+            fail("output shape", f"declared {tuple(output_shape)}, got {tuple(y.shape)}")
+
+        # 2. parameter names
+        names = [k for k, _ in layer.named_parameters()]
+        problems = [k for k, p in layer.named_parameters() if layer.get_parameter(k) is not p]
+        if len(set(names)) != len(names) or problems:
+            fail("parameter names", f"names that do not resolve to their parameter: {problems or names}")
+        elif param_names is not None and sorted(param_names) != sorted(names):
+            fail("parameter names", f"expected {sorted(param_names)}, got {sorted(names)}")
+        else:
+            report["parameter names"] = ", ".join(names) or "(none)"
+        persistent = {k for k, p in layer._index().entries if getattr(p, "persistent", True)}
+        if set(layer.state_dict()) != persistent:
+            fail("parameter names", f"state_dict keys {sorted(layer.state_dict())} != {sorted(persistent)}")
+
+        # 3. save / load round trip
+        from .checkpoint import load_into, save
+
+        save(layer, saved, durable=False)
+        for _, p in layer.named_parameters():
+            if p.dtype.startswith(("float", "bfloat")):
+                p.value = p.numpy() + 1.0
+        load_into(layer, saved)
+        y2 = _host(layer, layer(x))
+        if not np.array_equal(y2, y):
+            fail("save/load", f"outputs changed by up to {np.abs(y2 - y).max():.3g} after a round trip")
+        else:
+            report["save/load"] = "outputs restored exactly"
+
+        # 4 and 5 need autodiff: on the layer's backend if it has it, else on the first that does
+        grad_backend = home if layer._backend.has_autodiff else next(
+            (b for b in available_backends() if get_backend(b).has_autodiff), None)
+        trainable = [(k, p) for k, p in layer.named_parameters() if p.trainable]
+        if grad_backend is None:
+            report["training step"] = report["gradients"] = "skipped: no backend with autodiff installed"
+        elif not trainable:
+            report["training step"] = report["gradients"] = "no trainable parameters"
+        else:
+            layer.to(backend=grad_backend)
+            b = layer._backend
+            weights = rng.standard_normal(_real_parts(y).shape)
+            w = b.from_numpy(weights.astype(np.float32))
+
+            def loss(m, inp):
+                out = m(inp)
+                xp = m._backend.xp
+                flat = xp.reshape(out, (-1,))
+                if xp.isdtype(flat.dtype, "complex floating"):
+                    flat = xp.concat([xp.real(flat), xp.imag(flat)])
+                return xp.sum(flat * w)
+
+            from .functional import value_and_grad
+
+            _, grads = value_and_grad(loss)(layer, b.from_numpy(x))
+            before = {k: p.numpy().copy() for k, p in trainable}
+            for k, p in trainable:
+                p.value = p.value - 0.1 * grads[k]
+            unchanged = [k for k, p in trainable if np.array_equal(p.numpy(), before[k])]
+            if unchanged:
+                fail("training step", f"one SGD step left {unchanged} unchanged (zero gradient?)")
+            else:
+                report["training step"] = f"one SGD step changed {len(trainable)} trainable parameter(s)"
+            load_into(layer, saved)
+
+            # 5. finite differences in float64 on the numpy backend
+            ad = {k: np.asarray(b.to_numpy(g), dtype=np.float64) for k, g in grads.items()}
+            layer.to(backend="numpy")
+            values = {k: p.numpy().astype(np.float64) for k, p in layer._index().entries}
+            x64 = x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
+            from .functional import functional_call
+
+            def f(vals):
+                return float(_real_parts(np.asarray(functional_call(layer, vals, x64))) @ weights)
+
+            bad = []
+            for k, _ in trainable:
+                flat = values[k].reshape(-1)
+                for i in rng.choice(flat.size, size=min(6, flat.size), replace=False):
+                    eps = 1e-6 * max(1.0, abs(flat[i]))
+                    old = flat[i]
+                    flat[i] = old + eps
+                    up = f(values)
+                    flat[i] = old - eps
+                    down = f(values)
+                    flat[i] = old
+                    fd = (up - down) / (2 * eps)
+                    got = ad[k].reshape(-1)[i]
+                    if abs(got - fd) > 1e-3 * max(1.0, abs(fd)):
+                        bad.append(f"{k}[{i}]: autodiff {got:.6g}, finite differences {fd:.6g}")
+            if bad:
+                fail("gradients", "; ".join(bad[:5]))
+            else:
+                report["gradients"] = f"match finite differences ({grad_backend} autodiff vs float64 numpy)"
+
+        # 6. the same outputs on every backend
+        others = [n for n in (backends or available_backends()) if n != home]
+        agreed = []
+        for other in others:
+            layer.to(backend=other)
+            yo = _host(layer, layer(x))
+            if yo.shape != y.shape or not np.allclose(yo, y, rtol=rtol, atol=atol):
+                diff = np.abs(yo - y).max() if yo.shape == y.shape else f"shape {yo.shape}"
+                fail("backends", f"{other} differs from {home} by {diff}")
+            else:
+                agreed.append(other)
+        report["backends"] = f"{home} agrees with {', '.join(agreed)}" if agreed else "only one backend installed"
+    except Exception as e:  # any crash in a check is a failure of that layer, reported with the others
+        fail("check_layer", f"{type(e).__name__}: {e}")
+    finally:
+        if layer._backend.name != home:
+            layer.to(backend=home)
+        if os.path.exists(saved) and not failures:
+            load_into(layer, saved)
+        for m, mode in modes:
+            m.__dict__["training"] = mode
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+    if verbose:
+        for k, v in report.items():
+            print(f"  {k:<16} {v}")
+    if failures:
+        raise LayerCheckError(f"{type(layer).__name__} failed check_layer:\n  " + "\n  ".join(failures))
+    return report

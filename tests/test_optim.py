@@ -1,0 +1,118 @@
+"""Optimizers against torch.optim on the same gradients, frozen and tied parameters, state and schedules."""
+
+import numpy as np
+import pytest
+
+import lamina as lm
+
+from conftest import GRAD_BACKENDS, rand, sum_loss, to_np
+
+torch = pytest.importorskip("torch", reason="the reference is torch.optim")
+
+CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize(("name", "hyper"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_updates_match_torch_optim_over_100_steps(grad_backend, name, hyper):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((6, 4)).astype(np.float32)
+    grads = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(100)]
+    t = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    ref = getattr(torch.optim, name)([t], **hyper)
+    p = lm.Parameter(value=w0)
+    opt = getattr(lm.optim, name)([p], **hyper)
+    b = lm.get_backend()
+    for g in grads:
+        before_ref, before = t.detach().numpy().copy(), p.numpy().copy()
+        t.grad = torch.from_numpy(g)
+        ref.step()
+        opt.step({"0": b.from_numpy(g)})
+        # each update matches within 1e-6 (torch backend: bit for bit)
+        ours, theirs = p.numpy() - before, t.detach().numpy() - before_ref
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=0 if grad_backend == "torch" else 1e-6)
+    np.testing.assert_allclose(p.numpy(), t.detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert opt.steps == 100
+
+
+def test_frozen_parameters_are_never_updated_and_tied_once(grad_backend):
+    shared = lm.Linear(4, 4)
+    net = lm.Sequential(lm.Linear(3, 4), shared, lm.Tanh(), shared)
+    net.get_parameter("0.bias").trainable = False
+    frozen = to_np(net[0].bias).copy()
+    opt = lm.optim.SGD(net, lr=0.1)
+    assert [k for k, _ in opt.entries()] == ["0.weight", "1.weight", "1.bias"]
+    x = rand(5, 3)
+    before = to_np(net[1].weight).copy()
+    _, grads = lm.value_and_grad(sum_loss)(net, x)
+    opt.step(grads)
+    np.testing.assert_array_equal(to_np(net[0].bias), frozen)
+    # tied: one update with the summed gradient, not two
+    np.testing.assert_allclose(to_np(net[1].weight), before - 0.1 * to_np(grads["1.weight"]), rtol=1e-6, atol=1e-7)
+    assert net[3].weight is net[1].weight
+
+
+def test_learning_rate_schedule_is_called_with_the_step(grad_backend):
+    p = lm.Parameter(value=np.zeros(1, np.float32))
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return 1.0 / (step + 1)
+
+    opt = lm.optim.SGD([p], lr=99.0, schedule=schedule)
+    b = lm.get_backend()
+    for _ in range(3):
+        opt.step({"0": b.from_numpy(np.ones(1, np.float32))})
+    assert seen == [0, 1, 2]
+    np.testing.assert_allclose(p.numpy(), [-(1 + 1 / 2 + 1 / 3)], rtol=1e-6)
+
+
+def test_optimizer_created_before_the_dry_run_still_works(grad_backend):
+    net = lm.Sequential(lm.Linear(4), lm.ReLU(), lm.Linear(1))
+    opt = lm.optim.Adam(net, lr=0.01)
+    net.build((None, 3))
+    before = to_np(net[0].weight).copy()
+    _, grads = lm.value_and_grad(sum_loss)(net, rand(2, 3))
+    opt.step(grads)
+    assert not np.allclose(before, to_np(net[0].weight))
+
+
+def test_state_dict_round_trip_and_cross_backend_state(tmp_path):
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal((3, 2)).astype(np.float32) for _ in range(10)]
+    results = {}
+    for backend in GRAD_BACKENDS:
+        lm.set_backend(backend)
+        p = lm.Parameter(value=np.ones((3, 2), np.float32))
+        opt = lm.optim.Adam([p], lr=0.1)
+        b = lm.get_backend()
+        for g in grads[:5]:
+            opt.step({"0": b.from_numpy(g)})
+        state = {k: to_np(v) for k, v in opt.state_dict().items()}
+        assert set(state) == {"0/step", "0/exp_avg", "0/exp_avg_sq"} and float(state["0/step"]) == 5
+        results[backend] = state
+    if len(results) == 2:  # same names and values on both backends: the state is portable
+        for k in results["torch"]:
+            np.testing.assert_allclose(results["jax"][k], results["torch"][k], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match="lr must be a non-negative number"):
+        lm.optim.SGD([], lr=-1)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum"):
+        lm.optim.SGD([], nesterov=True)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        lm.optim.SGD([], lr=0.1).step({})
+
+
+def test_step_without_gradients_says_how_to_get_them(grad_backend):
+    opt = lm.optim.SGD(lm.Linear(2, 2), lr=0.1)
+    with pytest.raises(ValueError, match=r"no gradient for \['weight', 'bias'\]"):
+        opt.step()

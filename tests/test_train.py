@@ -1,0 +1,228 @@
+"""The training loop: fit, evaluate, predict, callbacks, compiled steps, reproducibility and resuming."""
+
+import os
+
+import numpy as np
+import pytest
+
+import lamina as lm
+
+from conftest import GRAD_BACKENDS, MyLinear, to_np
+
+
+def blobs(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centers = np.array([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.5]])
+    x = (centers[y] + rng.standard_normal((n, 2)) * 0.7).astype(np.float32)
+    return x, y
+
+
+def small_net():
+    return lm.Sequential(lm.Linear(16), lm.ReLU(), MyLinear(16, 8), lm.Linear(3))
+
+
+def test_fit_learns_and_reports_history(grad_backend):
+    x, y = blobs()
+    net = small_net()
+    history = lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net, lr=0.02), (x[:200], y[:200]), epochs=8,
+                     batch_size=32, validation_data=(x[200:], y[200:]), metrics=[lm.losses.accuracy], progress=False)
+    assert list(history.history) == ["loss", "accuracy", "val_loss", "val_accuracy"]
+    assert len(history["loss"]) == 8 and history["loss"][-1] < 0.5 * history["loss"][0]
+    assert history["val_accuracy"][-1] > 0.9
+    # evaluate and predict agree with an independent computation of the same figures
+    logits = to_np(net.predict(x[200:], batch_size=10))
+    assert logits.shape == (56, 3)
+    res = lm.evaluate(net, lm.losses.cross_entropy, (x[200:], y[200:]), metrics=[lm.losses.accuracy])
+    z = logits - logits.max(1, keepdims=True)
+    ce = -(z[np.arange(56), y[200:]] - np.log(np.exp(z).sum(1))).mean()
+    np.testing.assert_allclose(res["loss"], ce, rtol=1e-4)
+    np.testing.assert_allclose(res["accuracy"], (logits.argmax(1) == y[200:]).mean())
+    np.testing.assert_allclose(res["loss"], history["val_loss"][-1], rtol=1e-4)
+
+
+def test_fit_accepts_any_iterable_of_batches(grad_backend):
+    x, y = blobs(64)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    net = small_net()
+    history = lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net, lr=0.1), batches, epochs=2, progress=False)
+    assert len(history["loss"]) == 2
+
+
+def run_losses(backend, steps=20, seed=0):
+    lm.set_backend(backend)
+    lm.manual_seed(seed)
+    x, y = blobs(steps * 8)
+    net = small_net()
+    seen = []
+
+    class Record(lm.Callback):
+        def on_batch_end(self, batch, logs):
+            seen.append(logs["loss"])
+
+    lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net, lr=0.01), (x, y), epochs=1, batch_size=8, seed=3,
+           callbacks=[Record()], progress=False)
+    return np.array(seen), {k: to_np(v) for k, v in net.state_dict().items()}
+
+
+def test_same_seed_same_losses_on_each_backend(grad_backend):
+    a, wa = run_losses(grad_backend)
+    b, wb = run_losses(grad_backend)
+    np.testing.assert_array_equal(a, b)
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+
+
+@pytest.mark.skipif(len(GRAD_BACKENDS) < 2, reason="needs both torch and jax")
+def test_first_20_steps_agree_between_torch_and_jax():
+    lt, wt = run_losses("torch")
+    lj, wj = run_losses("jax")
+    assert len(lt) == 20
+    np.testing.assert_allclose(lt, lj, rtol=1e-5, atol=1e-6)
+    for k in wt:
+        np.testing.assert_allclose(wt[k], wj[k], rtol=1e-4, atol=1e-5)
+
+
+def test_jax_train_step_is_one_program_compiled_once():
+    if "jax" not in GRAD_BACKENDS:
+        pytest.skip("jax not installed")
+    lm.set_backend("jax")
+    traces = []
+
+    def loss(out, y):
+        traces.append(1)  # runs only while jax traces the step
+        return lm.losses.cross_entropy(out, y)
+
+    x, y = blobs(128)
+    net = small_net()
+    lm.fit(net, loss, lm.optim.Adam(net), (x, y), epochs=3, batch_size=32, progress=False)  # 12 steps
+    assert len(traces) == 1
+
+
+def test_torch_compile_step_matches_eager():
+    if "torch" not in GRAD_BACKENDS:
+        pytest.skip("torch not installed")
+    x, y = blobs(64)
+    out = {}
+    for compile in (False, True):
+        lm.set_backend("torch")
+        lm.manual_seed(0)
+        net = small_net()
+        out[compile] = lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net, lr=0.01), (x, y), epochs=2,
+                              batch_size=16, compile=compile, progress=False)["loss"]
+    np.testing.assert_allclose(out[True], out[False], rtol=1e-5)
+
+
+def test_numpy_backend_refuses_to_train():
+    lm.set_backend("numpy")
+    net = small_net()
+    with pytest.raises(lm.BackendError, match="numpy backend cannot train"):
+        lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net), blobs(16), progress=False)
+    with pytest.raises(TypeError, match="fit needs an lm.optim optimizer"):
+        lm.fit(net, lm.losses.cross_entropy, None, blobs(16))
+
+
+def test_callback_events_in_order(grad_backend):
+    events = []
+
+    class Spy(lm.Callback):
+        def on_train_begin(self, logs):
+            events.append("train_begin")
+
+        def on_epoch_begin(self, epoch, logs):
+            events.append(f"epoch_begin {epoch}")
+
+        def on_batch_end(self, batch, logs):
+            events.append(f"batch {batch}")
+
+        def on_epoch_end(self, epoch, logs):
+            events.append(f"epoch_end {epoch} {sorted(logs)}")
+
+        def on_train_end(self, logs):
+            events.append("train_end")
+
+    net = small_net()
+    lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net, lr=0.1), blobs(32), epochs=2, batch_size=16,
+           callbacks=[Spy()], progress=False)
+    assert events == ["train_begin", "epoch_begin 0", "batch 0", "batch 1", "epoch_end 0 ['loss']",
+                      "epoch_begin 1", "batch 0", "batch 1", "epoch_end 1 ['loss']", "train_end"]
+
+
+def test_early_stopping_stops_and_restores_the_best(grad_backend):
+    x, y = blobs()
+    net = small_net()
+
+    class Snapshot(lm.Callback):
+        values = {}
+
+        def on_epoch_end(self, epoch, logs):
+            self.values[epoch] = ({k: to_np(v).copy() for k, v in self.trainer.model.state_dict().items()},
+                                  logs["val_loss"])
+
+    snap = Snapshot()
+    # a learning rate far too large: validation loss gets worse after the first epochs
+    stop = lm.EarlyStopping(monitor="val_loss", patience=2)
+    history = lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net, lr=3.0), (x[:200], y[:200]), epochs=30,
+                     batch_size=200, validation_data=(x[200:], y[200:]), callbacks=[snap, stop], progress=False)
+    epochs = len(history["loss"])
+    assert epochs < 30
+    best = min(snap.values, key=lambda e: snap.values[e][1])
+    assert stop.best_epoch == best and epochs == best + 3
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(to_np(v), snap.values[best][0][k])
+
+
+def test_checkpoint_each_epoch_and_plot(grad_backend, tmp_path):
+    net = small_net()
+    ckpt = lm.Checkpoint(str(tmp_path / "ep{epoch:02d}.safetensors"))
+    history = lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net), blobs(64), epochs=3, batch_size=32,
+                     metrics=[lm.losses.accuracy], callbacks=[ckpt], progress=False)
+    assert [os.path.basename(p) for p in ckpt.saved] == ["ep01.safetensors", "ep02.safetensors", "ep03.safetensors"]
+    clone = small_net()
+    lm.load_into(clone, ckpt.saved[-1])
+    x = blobs(8, seed=5)[0]
+    np.testing.assert_array_equal(to_np(clone(x)), to_np(net(x)))
+    history.plot(tmp_path / "loss.png")
+    data = (tmp_path / "loss.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(grad_backend, capsys):
+    net = small_net()
+    lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net), blobs(32), epochs=1, batch_size=16)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal: quiet
+    lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net), blobs(32), epochs=1, batch_size=16,
+           metrics=[lm.losses.accuracy], progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "accuracy=" in err and "2/2" in err
+
+
+def test_training_resumes_bit_for_bit_from_a_checkpoint(grad_backend, tmp_path):
+    x, y = blobs(96)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
+
+    def fresh():
+        lm.manual_seed(0)
+        net = small_net()
+        return net, lm.optim.Adam(net, lr=0.01, schedule=lambda s: 0.01 / (1 + s))
+
+    net, opt = fresh()
+    lm.fit(net, lm.losses.cross_entropy, opt, batches[:3], epochs=1, progress=False)
+    lm.save(net, tmp_path / "mid.safetensors", optimizer=opt)
+    straight = lm.fit(net, lm.losses.cross_entropy, opt, batches[3:], epochs=1, progress=False)
+
+    net2, opt2 = fresh()
+    net2.build((None, 2))
+    lm.load_into(net2, tmp_path / "mid.safetensors", optimizer=opt2)
+    assert opt2.steps == 3
+    resumed = lm.fit(net2, lm.losses.cross_entropy, opt2, batches[3:], epochs=1, progress=False)
+    assert resumed["loss"] == straight["loss"]
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(to_np(net2.state_dict()[k]), to_np(v))
+
+
+def test_loading_optimizer_state_from_a_file_without_it(grad_backend, tmp_path):
+    net = small_net().build((None, 2))
+    lm.save(net, tmp_path / "plain.safetensors")
+    with pytest.raises(lm.CheckpointError, match="holds no optimizer state"):
+        lm.load_into(net, tmp_path / "plain.safetensors", optimizer=lm.optim.Adam(net))
