@@ -89,7 +89,10 @@ class History:
 
     def plot(self, path, title: str = "Training") -> None:
         """Write a PNG with one panel for the losses and one for the other metrics, per epoch."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise ImportError("History.plot needs matplotlib: pip install 'lamina[plot]'") from e
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -187,6 +190,16 @@ class _Trainer:
         self.epoch = -1
 
 
+def _train_step(model: Module, loss: Loss, optimizer, compile, outputs: bool):
+    """The backend's train step for this model, loss, optimizer and compile choice, built once and kept on
+    the model, so that calling fit again (or once per epoch) does not compile again."""
+    cache = model.__dict__.setdefault("_train_steps", {})
+    key = (model._backend.name, loss, id(optimizer), compile, outputs)
+    if key not in cache:
+        cache[key] = model._backend.train_step(model, loss, optimizer, compile, outputs)
+    return cache[key]
+
+
 # ----- the loop -----------------------------------------------------------------------------------
 def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, batch_size: int = 32,
         validation_data=None, metrics: Iterable = (), callbacks: Iterable[Callback] = (), shuffle: bool = True,
@@ -216,7 +229,7 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     for cb in callbacks:
         cb.trainer = trainer
     rng = np.random.default_rng(seed)
-    step = model._backend.train_step(model, loss, optimizer, compile)
+    step = _train_step(model, loss, optimizer, compile, outputs=bool(metrics))
     for cb in callbacks:
         cb.on_train_begin({})
     model.train()
@@ -229,23 +242,34 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
         bar = tqdm(_batches(train_data, batch_size, shuffle, rng), total=_n_batches(train_data, batch_size),
                    desc=f"epoch {epoch + 1}/{epochs}", disable=(not sys.stderr.isatty()) if progress is None
                    else not progress, leave=True, dynamic_ncols=True)
+        # Per-batch figures are read back from the device only when something shows or uses them (the
+        # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
+        # so the host never waits for the device between steps.
+        live = not bar.disable or bool(metrics) or any(type(cb).on_batch_end is not Callback.on_batch_end
+                                                       for cb in callbacks)
+        pending = []
         for i, (xb, yb) in enumerate(bar):
             xb, yb = _to_model(model, xb), _to_model(model, yb)
             if seen == 0 and model._needs_build():
                 model._dry_run((xb,))  # so the optimizer sees every parameter from the first step on
-            lr = optimizer.current_lr()
-            loss_value, out = step(xb, yb, lr)
+            loss_value, out = step(xb, yb, optimizer.current_lr())
             optimizer.steps += 1
             n = xb.shape[0]
             seen += n
+            if not live:
+                pending.append((loss_value, n))
+                continue
             logs = {"loss": _float(loss_value)}
             for m in metrics:
                 logs[_metric_name(m)] = _float(m(out, yb))
             for k, v in logs.items():
                 totals[k] += v * n
-            bar.set_postfix({k: f"{totals[k] / seen:.4f}" for k in totals}, refresh=False)
+            if not bar.disable:
+                bar.set_postfix({k: f"{totals[k] / seen:.4f}" for k in totals}, refresh=False)
             for cb in callbacks:
                 cb.on_batch_end(i, logs)
+        if pending:
+            totals["loss"] = sum(_float(v) * n for v, n in pending)
         bar.close()
         logs = {k: v / max(seen, 1) for k, v in totals.items()}
         if validation_data is not None:

@@ -125,8 +125,9 @@ class Backend:
         raise BackendError(f"the {self.name} backend cannot train (it has no automatic differentiation); "
                            "train on torch or jax and load the weights here")
 
-    def train_step(self, model, loss_fn, optimizer, compile: bool | None):
-        """A function ``step(x, y, lr) -> (loss, outputs)`` that does one forward, backward and update."""
+    def train_step(self, model, loss_fn, optimizer, compile: bool | None, outputs: bool = True):
+        """A function ``step(x, y, lr) -> (loss, outputs)`` that does one forward, backward and update
+        (``outputs=False``: the outputs are not kept, and ``None`` is returned in their place)."""
         return self.optimizer(optimizer.kind, {})
 
     # ----- ops: generic Array-API versions; backends override the hot ones --------------------------

@@ -85,13 +85,15 @@ class JaxBackend(Backend):
     def optimizer(self, kind, hyper):
         return _JaxOptimizer(self, kind, hyper)
 
-    def train_step(self, model, loss_fn, optimizer, compile):
+    def train_step(self, model, loss_fn, optimizer, compile, outputs=True):
         """One ``jax.jit`` program per input shape: forward, gradient and optimizer update together, with
         the parameters and optimizer state donated so XLA updates them in place."""
         from ..functional import _swapped
+        from ..module import _STRUCTURE
+
+        _structure_version = lambda: _STRUCTURE[0]
 
         engine = optimizer.engine(self)
-        paths = {id(p): path for path, p in model._index().entries}
 
         def pure(params, consts, state, x, y, scalars):
             def f(ps):
@@ -101,23 +103,41 @@ class JaxBackend(Backend):
 
             (loss, out), grads = jax.value_and_grad(f, has_aux=True)(params)
             params, state = engine.update(grads, state, params, scalars)
-            return params, state, loss, out
+            return params, state, loss, (out if outputs else None)
 
         run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 2))
         names_to_paths: dict = {}
+        cache: dict = {}
+
+        def layout():
+            """Names, parameters and constants of the model, recomputed only when its structure or a
+            parameter's trainable flag changes."""
+            index = model._index()
+            version = (_structure_version(), tuple(p._trainable for _, p in index.entries))
+            if cache.get("v") != version:
+                entries = optimizer.entries()
+                trainable = {id(p) for _, p in entries}
+                paths = {id(p): path for path, p in index.entries}
+                names_to_paths.clear()
+                names_to_paths.update({k: paths.get(id(p), k) for k, p in entries})
+                cache.update(v=version, entries=entries,
+                             consts=[(path, p) for path, p in index.entries if id(p) not in trainable])
+            return cache["entries"], cache["consts"]
 
         def step(x, y, lr):
-            entries = optimizer.entries()
-            names_to_paths.clear()
-            names_to_paths.update({k: paths.get(id(p), k) for k, p in entries})
+            entries, const_entries = layout()
             params = {k: p.value for k, p in entries}
-            trainable = {id(p) for _, p in entries}
-            consts = {path: p.value for path, p in model._index().entries if id(p) not in trainable}
+            consts = {path: p.value for path, p in const_entries}
             engine.ensure(params)
             params, engine.state, loss, out = run(params, consts, engine.state, x, y, engine.scalars(lr))
             engine.count += 1
-            for k, p in entries:
-                p._set_value(params[k])
+            for k, p in entries:  # the new values replace the donated ones everywhere they are shown
+                v = params[k]
+                p._value = v
+                for ref, name in p._owners:
+                    m = ref()
+                    if m is not None:
+                        m.__dict__[name] = v
             return loss, out
 
         step.compiled = run  # exposed so tests can count compilations
@@ -200,17 +220,19 @@ class _JaxOptimizer:
             self.names = list(params)
             self.count = 0
 
-    def scalars(self, lr):
-        t = self.count + 1
-        out = {"lr": lr}
-        if self.kind != "sgd":
-            b1, b2 = self.h["betas"]
-            out["step_size"] = lr / (1 - b1**t)
-            out["bc2_sqrt"] = (1 - b2**t) ** 0.5
-            out["decay"] = 1 - lr * self.h["weight_decay"]
-        return {k: jnp.float32(v) for k, v in out.items()}
+    _SCALARS = ("lr", "step_size", "bc2_sqrt", "decay")
 
-    def update(self, grads, state, params, s):
+    def scalars(self, lr):
+        """The per-step scalars as one float32 NumPy vector: a single cheap argument for the compiled
+        step (four jnp scalars cost ~270 us per step to build, measured; this costs ~1 us)."""
+        t = self.count + 1
+        if self.kind == "sgd":
+            return np.array([lr, 0.0, 0.0, 0.0], np.float32)
+        b1, b2 = self.h["betas"]
+        return np.array([lr, lr / (1 - b1**t), (1 - b2**t) ** 0.5, 1 - lr * self.h["weight_decay"]], np.float32)
+
+    def update(self, grads, state, params, vector):
+        s = dict(zip(self._SCALARS, (vector[i] for i in range(4))))
         h, new_params = self.h, {}
         new_state = {slot: {} for slot in state}
         wd = h["weight_decay"]

@@ -122,7 +122,7 @@ class TorchBackend(Backend):
     def optimizer(self, kind, hyper):
         return _TorchOptimizer(self, kind, hyper)
 
-    def train_step(self, model, loss_fn, optimizer, compile):
+    def train_step(self, model, loss_fn, optimizer, compile, outputs=True):
         engine = optimizer.engine(self)
 
         def forward_loss(x, y):
@@ -138,7 +138,7 @@ class TorchBackend(Backend):
             loss, out = run(x, y)
             loss.backward()
             engine.step(entries, None, lr)
-            return loss.detach(), out.detach()
+            return loss.detach(), (out.detach() if outputs else None)
 
         return step
 
