@@ -67,6 +67,16 @@ class MyDense(lm.Module):
         return lm.ops.relu(X @ self.weight + self.bias)
 
 
+def numeric_grad(loss, W: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central finite differences of ``loss(W)`` (float64) with respect to every element of ``W``."""
+    grad = np.zeros_like(W, dtype=np.float64)
+    for idx in np.ndindex(*W.shape):
+        d = np.zeros_like(W, dtype=np.float64)
+        d[idx] = eps
+        grad[idx] = (loss(W + d) - loss(W - d)) / (2 * eps)
+    return grad
+
+
 def sum_loss(model, x):
     """A scalar loss for gradient tests, written so that it works on every backend."""
     return (model(x) ** 2).sum()

@@ -155,7 +155,10 @@ class Parameter:
 
     @trainable.setter
     def trainable(self, flag: bool) -> None:
+        from .module import _STRUCTURE
+
         self._trainable = bool(flag)
+        _STRUCTURE[0] += 1  # what an optimizer updates has changed: compiled train steps must see it
         if self._value is not None and not self._is_buffer:
             self.backend.set_trainable(self._value, self._trainable)
 

@@ -110,11 +110,11 @@ class JaxBackend(Backend):
         cache: dict = {}
 
         def layout():
-            """Names, parameters and constants of the model, recomputed only when its structure or a
-            parameter's trainable flag changes."""
-            index = model._index()
-            version = (_structure_version(), tuple(p._trainable for _, p in index.entries))
+            """Names, parameters and constants, recomputed only when the model's structure changed (a
+            trainable flag flipping counts as a change)."""
+            version = _structure_version()
             if cache.get("v") != version:
+                index = model._index()
                 entries = optimizer.entries()
                 trainable = {id(p) for _, p in entries}
                 paths = {id(p): path for path, p in index.entries}
@@ -122,13 +122,13 @@ class JaxBackend(Backend):
                 names_to_paths.update({k: paths.get(id(p), k) for k, p in entries})
                 cache.update(v=version, entries=entries,
                              consts=[(path, p) for path, p in index.entries if id(p) not in trainable])
+                engine.ensure({k: p.value for k, p in entries})
             return cache["entries"], cache["consts"]
 
         def step(x, y, lr):
             entries, const_entries = layout()
-            params = {k: p.value for k, p in entries}
-            consts = {path: p.value for path, p in const_entries}
-            engine.ensure(params)
+            params = {k: p._value for k, p in entries}
+            consts = {path: p._value for path, p in const_entries}
             params, engine.state, loss, out = run(params, consts, engine.state, x, y, engine.scalars(lr))
             engine.count += 1
             for k, p in entries:  # the new values replace the donated ones everywhere they are shown
