@@ -90,13 +90,45 @@ def test_jax_train_step_is_one_program_compiled_once():
     traces = []
 
     def loss(out, y):
-        traces.append(1)  # runs only while jax traces the step
+        traces.append(1)  # runs only while jax traces a program
         return lm.losses.cross_entropy(out, y)
 
     x, y = blobs(128)
     net = small_net()
-    lm.fit(net, loss, lm.optim.Adam(net), (x, y), epochs=3, batch_size=32, progress=False)  # 12 steps
-    assert len(traces) == 1
+    lm.fit(net, loss, lm.optim.Adam(net), (x, y), epochs=3, batch_size=32, steps_per_call=1, progress=False)
+    assert len(traces) == 1  # 12 steps, one program
+    traces.clear()
+    net = small_net()
+    # 40 batches an epoch: two calls of 16 steps, then 8 single steps; each program is compiled once
+    lm.fit(net, loss, lm.optim.Adam(net), blobs(320), epochs=3, batch_size=8, progress=False)
+    assert len(traces) == 2
+
+
+def test_steps_run_as_one_call_match_steps_run_one_by_one():
+    if "jax" not in GRAD_BACKENDS:
+        pytest.skip("jax not installed")
+    x, y = blobs(200)
+    results = []
+    for k in (1, 16):
+        lm.set_backend("jax")
+        lm.manual_seed(0)
+        net = small_net()
+        opt = lm.optim.Adam(net, lr=0.01, schedule=lambda s: 0.01 / (1 + 0.1 * s))
+        seen = []
+
+        class Record(lm.Callback):
+            def on_batch_end(self, batch, logs):
+                seen.append((batch, logs["loss"]))
+
+        history = lm.fit(net, lm.losses.cross_entropy, opt, (x, y), epochs=2, batch_size=8, steps_per_call=k,
+                         callbacks=[Record()], progress=False)
+        results.append((seen, history["loss"], {k2: to_np(v) for k2, v in net.state_dict().items()}, opt.steps))
+    (seen1, h1, w1, s1), (seen16, h16, w16, s16) = results
+    assert s1 == s16 == 50 and [b for b, _ in seen1] == [b for b, _ in seen16]
+    np.testing.assert_allclose([v for _, v in seen16], [v for _, v in seen1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h16, h1, rtol=1e-5)
+    for key in w1:
+        np.testing.assert_allclose(w16[key], w1[key], rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_step_matches_eager():

@@ -65,7 +65,11 @@ class Optimizer:
 
     def current_lr(self) -> float:
         """The learning rate of the next update: ``schedule(steps)`` if there is a schedule, else ``lr``."""
-        return float(self.schedule(self.steps)) if self.schedule is not None else self.lr
+        return self.lr_at(self.steps)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update number ``step`` (counted from 0)."""
+        return float(self.schedule(step)) if self.schedule is not None else self.lr
 
     def engine(self, backend):
         """The backend's implementation of this optimizer (created on first use)."""

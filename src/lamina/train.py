@@ -58,6 +58,48 @@ def _n_batches(data, batch_size):
     return len(data) if hasattr(data, "__len__") else None
 
 
+def _execute(model: Module, step, k: int, batches, optimizer):
+    """Run the train step over ``batches``. Yields ``(loss, outputs, rows per batch, batches done, targets)``.
+
+    With ``k > 1`` (a backend whose step offers ``step.many``), every ``k`` consecutive batches of one
+    shape run as one call, and ``loss`` is then the vector of their ``k`` losses; the rest run one by one.
+    """
+    group: list = []
+
+    def single(xb, yb):
+        xb, yb = _to_model(model, xb), _to_model(model, yb)
+        loss, out = step(xb, yb, optimizer.current_lr())
+        optimizer.steps += 1
+        return loss, out, xb.shape[0], 1, yb
+
+    for i, (xb, yb) in enumerate(batches):
+        if i == 0 and model._needs_build():
+            model._dry_run((_to_model(model, xb),))  # so the optimizer sees every parameter from the start
+        if k == 1:
+            yield single(xb, yb)
+            continue
+        group.append((xb, yb))
+        if len(group) < k:
+            continue
+        if len({(tuple(x.shape), tuple(y.shape)) for x, y in group}) == 1:
+            xs, ys = _stack(model, [x for x, _ in group]), _stack(model, [y for _, y in group])
+            losses = step.many(xs, ys, [optimizer.lr_at(optimizer.steps + j) for j in range(k)])
+            optimizer.steps += k
+            yield losses, None, group[0][0].shape[0], k, None
+        else:
+            for xb2, yb2 in group:
+                yield single(xb2, yb2)
+        group = []
+    for xb, yb in group:
+        yield single(xb, yb)
+
+
+def _stack(model: Module, arrays: list):
+    if all(isinstance(a, np.ndarray) for a in arrays):  # stack on the host: one transfer for the group
+        return _to_model(model, np.stack(arrays))
+    return model._backend.xp.stack([_to_model(model, a) for a in arrays])
+
+
 def _to_model(model: Module, a):
     return model._convert_inputs((a,))[0]
 
@@ -203,7 +245,8 @@ def _train_step(model: Module, loss: Loss, optimizer, compile, outputs: bool):
 # ----- the loop -----------------------------------------------------------------------------------
 def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, batch_size: int = 32,
         validation_data=None, metrics: Iterable = (), callbacks: Iterable[Callback] = (), shuffle: bool = True,
-        seed: int | None = 0, progress: bool | None = None, compile: bool | None = None) -> History:
+        seed: int | None = 0, progress: bool | None = None, compile: bool | None = None,
+        steps_per_call: int | None = None) -> History:
     """Train ``model`` to minimize ``loss(outputs, targets)`` with ``optimizer``.
 
     ``train_data``: ``(X, Y)`` arrays (NumPy or the backend's), cut into batches of ``batch_size`` and
@@ -212,7 +255,9 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     ``metrics``: functions ``metric(outputs, targets)`` such as ``lm.losses.accuracy``.
     ``progress``: a tqdm bar with the running loss and metrics; ``None`` shows it only on a terminal.
     ``compile``: jax always compiles the step unless ``False``; torch runs eagerly unless ``True``
-    (``torch.compile``). Returns the ``History``.
+    (``torch.compile``). ``steps_per_call``: how many steps to run as one compiled call where the backend
+    can (jax: 16 by default, torch: 1); per-step losses, callbacks and the bar still see every step, and
+    each step's update is the same. Returns the ``History``.
     """
     from tqdm.auto import tqdm
 
@@ -230,6 +275,9 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
         cb.trainer = trainer
     rng = np.random.default_rng(seed)
     step = _train_step(model, loss, optimizer, compile, outputs=bool(metrics))
+    if steps_per_call is None:
+        steps_per_call = model._backend.steps_per_call
+    k = steps_per_call if getattr(step, "many", None) is not None and not metrics else 1
     for cb in callbacks:
         cb.on_train_begin({})
     model.train()
@@ -239,37 +287,44 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
             cb.on_epoch_begin(epoch, {})
         totals = {"loss": 0.0, **{_metric_name(m): 0.0 for m in metrics}}
         seen = 0
-        bar = tqdm(_batches(train_data, batch_size, shuffle, rng), total=_n_batches(train_data, batch_size),
-                   desc=f"epoch {epoch + 1}/{epochs}", disable=(not sys.stderr.isatty()) if progress is None
-                   else not progress, leave=True, dynamic_ncols=True)
+        bar = tqdm(total=_n_batches(train_data, batch_size), desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=(not sys.stderr.isatty()) if progress is None else not progress, leave=True,
+                   dynamic_ncols=True)
         # Per-batch figures are read back from the device only when something shows or uses them (the
         # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
         # so the host never waits for the device between steps.
         live = not bar.disable or bool(metrics) or any(type(cb).on_batch_end is not Callback.on_batch_end
                                                        for cb in callbacks)
-        pending = []
-        for i, (xb, yb) in enumerate(bar):
-            xb, yb = _to_model(model, xb), _to_model(model, yb)
-            if seen == 0 and model._needs_build():
-                model._dry_run((xb,))  # so the optimizer sees every parameter from the first step on
-            loss_value, out = step(xb, yb, optimizer.current_lr())
-            optimizer.steps += 1
-            n = xb.shape[0]
-            seen += n
+        pending, batch = [], 0
+        for loss_value, out, n, done, yb in _execute(model, step, k, _batches(train_data, batch_size, shuffle, rng),
+                                                     optimizer):
+            seen += n * done
+            bar.update(done)
             if not live:
                 pending.append((loss_value, n))
                 continue
-            logs = {"loss": _float(loss_value)}
-            for m in metrics:
-                logs[_metric_name(m)] = _float(m(out, yb))
-            for k, v in logs.items():
-                totals[k] += v * n
+            for value in np.asarray(model._backend.to_numpy(loss_value), np.float64).reshape(-1):
+                logs = {"loss": float(value)}
+                for m in metrics:  # (metrics run one batch per call: done == 1)
+                    logs[_metric_name(m)] = _float(m(out, yb))
+                for key, v in logs.items():
+                    totals[key] += v * n
+                for cb in callbacks:
+                    cb.on_batch_end(batch, logs)
+                batch += 1
             if not bar.disable:
-                bar.set_postfix({k: f"{totals[k] / seen:.4f}" for k in totals}, refresh=False)
-            for cb in callbacks:
-                cb.on_batch_end(i, logs)
-        if pending:
-            totals["loss"] = sum(_float(v) * n for v, n in pending)
+                bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
+        if pending:  # one transfer per kind of entry for the whole epoch
+            b = model._backend
+            scalars = [(v, n) for v, n in pending if v.ndim == 0]
+            vectors = [(v, n) for v, n in pending if v.ndim == 1]
+            total = 0.0
+            if scalars:
+                total += float(np.dot(b.to_numpy(b.xp.stack([v for v, _ in scalars])).astype(np.float64),
+                                      [n for _, n in scalars]))
+            for v, n in vectors:
+                total += float(b.to_numpy(v).astype(np.float64).sum()) * n
+            totals["loss"] = total
         bar.close()
         logs = {k: v / max(seen, 1) for k, v in totals.items()}
         if validation_data is not None:

@@ -120,6 +120,9 @@ class Backend:
         )
 
     # ----- training ----------------------------------------------------------------------------------
+    #: how many train steps ``fit`` runs per call into the backend when the step offers ``step.many``
+    steps_per_call = 1
+
     def optimizer(self, kind: str, hyper: dict):
         """This backend's implementation of an optimizer (see ``lamina.optim``)."""
         raise BackendError(f"the {self.name} backend cannot train (it has no automatic differentiation); "
