@@ -104,6 +104,14 @@ def test_jax_train_step_is_one_program_compiled_once():
     assert len(traces) == 2
 
 
+class Record(lm.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_batch_end(self, batch, logs):
+        self.seen.append((batch, logs["loss"]))
+
+
 def test_steps_run_as_one_call_match_steps_run_one_by_one():
     if "jax" not in GRAD_BACKENDS:
         pytest.skip("jax not installed")
@@ -114,15 +122,10 @@ def test_steps_run_as_one_call_match_steps_run_one_by_one():
         lm.manual_seed(0)
         net = small_net()
         opt = lm.optim.Adam(net, lr=0.01, schedule=lambda s: 0.01 / (1 + 0.1 * s))
-        seen = []
-
-        class Record(lm.Callback):
-            def on_batch_end(self, batch, logs):
-                seen.append((batch, logs["loss"]))
-
+        record = Record()
         history = lm.fit(net, lm.losses.cross_entropy, opt, (x, y), epochs=2, batch_size=8, steps_per_call=k,
-                         callbacks=[Record()], progress=False)
-        results.append((seen, history["loss"], {k2: to_np(v) for k2, v in net.state_dict().items()}, opt.steps))
+                         callbacks=[record], progress=False)
+        results.append((record.seen, history["loss"], {k2: to_np(v) for k2, v in net.state_dict().items()}, opt.steps))
     (seen1, h1, w1, s1), (seen16, h16, w16, s16) = results
     assert s1 == s16 == 50 and [b for b, _ in seen1] == [b for b, _ in seen16]
     np.testing.assert_allclose([v for _, v in seen16], [v for _, v in seen1], rtol=1e-5, atol=1e-6)
