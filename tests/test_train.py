@@ -261,3 +261,15 @@ def test_loading_optimizer_state_from_a_file_without_it(grad_backend, tmp_path):
     lm.save(net, tmp_path / "plain.safetensors")
     with pytest.raises(lm.CheckpointError, match="holds no optimizer state"):
         lm.load_into(net, tmp_path / "plain.safetensors", optimizer=lm.optim.Adam(net))
+
+
+def test_fit_on_backend_arrays_matches_fit_on_numpy_arrays(grad_backend):
+    x, y = blobs(64)
+    b = lm.get_backend()
+    losses = []
+    for data in ((x, y), (b.from_numpy(x), b.from_numpy(y))):
+        lm.manual_seed(0)
+        net = small_net()
+        losses.append(lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net), data, epochs=2, batch_size=16,
+                             seed=4, progress=False)["loss"])
+    np.testing.assert_array_equal(losses[0], losses[1])

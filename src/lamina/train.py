@@ -47,9 +47,9 @@ def _batches(data, batch_size: int, shuffle: bool, rng: np.random.Generator | No
 
 def _take(a, idx):
     b = backend_of(a)
-    if b is None or b.name == "numpy":
+    if b is None:
         return np.asarray(a)[idx]
-    return a[b.from_numpy(idx, b.device_of(a))]
+    return b.xp.take(a, b.from_numpy(idx, b.device_of(a)), axis=0)
 
 
 def _n_batches(data, batch_size):
