@@ -28,6 +28,7 @@ def test_fit_learns_and_reports_history(grad_backend):
     history = lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net, lr=0.02), (x[:200], y[:200]), epochs=8,
                      batch_size=32, validation_data=(x[200:], y[200:]), metrics=[lm.losses.accuracy], progress=False)
     assert list(history.history) == ["loss", "accuracy", "val_loss", "val_accuracy"]
+    assert all(m.training for m in net.modules())  # back in the mode it had before fit
     assert len(history["loss"]) == 8 and history["loss"][-1] < 0.5 * history["loss"][0]
     assert history["val_accuracy"][-1] > 0.9
     # evaluate and predict agree with an independent computation of the same figures

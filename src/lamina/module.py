@@ -13,6 +13,7 @@ devices) runs only after something has failed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 
@@ -258,11 +259,16 @@ class Module:
 
     def _dry_run(self, args, kwargs=None) -> None:
         """Call the model once in eval mode without gradients, so every lazy layer builds itself."""
+        with self._mode(False), self._backend.no_grad():
+            self(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def _mode(self, training: bool):
+        """Training or eval mode for the whole tree inside the block; each module's own mode after it."""
         modes = [(m, m.training) for m in self.modules()]
-        self.train(False)
+        self.train(training)
         try:
-            with self._backend.no_grad():
-                self(*args, **(kwargs or {}))
+            yield self
         finally:
             for m, mode in modes:
                 m.__dict__["training"] = mode

@@ -254,6 +254,7 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     given. ``validation_data``: the same forms, evaluated after each epoch (logged as ``val_*``).
     ``metrics``: functions ``metric(outputs, targets)`` such as ``lm.losses.accuracy``.
     ``progress``: a tqdm bar with the running loss and metrics; ``None`` shows it only on a terminal.
+    Training runs in training mode; afterwards every module is back in the mode it had.
     ``compile``: jax always compiles the step unless ``False``; torch runs eagerly unless ``True``
     (``torch.compile``). ``steps_per_call``: how many steps to run as one compiled call where the backend
     can (jax: 16 by default, torch: 1); per-step losses, callbacks and the bar still see every step, and
@@ -280,63 +281,61 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     k = steps_per_call if getattr(step, "many", None) is not None and not metrics else 1
     for cb in callbacks:
         cb.on_train_begin({})
-    model.train()
-    for epoch in range(epochs):
-        trainer.epoch = epoch
-        for cb in callbacks:
-            cb.on_epoch_begin(epoch, {})
-        totals = {"loss": 0.0, **{_metric_name(m): 0.0 for m in metrics}}
-        seen = 0
-        bar = tqdm(total=_n_batches(train_data, batch_size), desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=(not sys.stderr.isatty()) if progress is None else not progress, leave=True,
-                   dynamic_ncols=True)
-        # Per-batch figures are read back from the device only when something shows or uses them (the
-        # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
-        # so the host never waits for the device between steps.
-        live = not bar.disable or bool(metrics) or any(type(cb).on_batch_end is not Callback.on_batch_end
-                                                       for cb in callbacks)
-        pending, batch = [], 0
-        for loss_value, out, n, done, yb in _execute(model, step, k, _batches(train_data, batch_size, shuffle, rng),
-                                                     optimizer):
-            seen += n * done
-            bar.update(done)
-            if not live:
-                pending.append((loss_value, n))
-                continue
-            for value in np.asarray(model._backend.to_numpy(loss_value), np.float64).reshape(-1):
-                logs = {"loss": float(value)}
-                for m in metrics:  # (metrics run one batch per call: done == 1)
-                    logs[_metric_name(m)] = _float(m(out, yb))
-                for key, v in logs.items():
-                    totals[key] += v * n
-                for cb in callbacks:
-                    cb.on_batch_end(batch, logs)
-                batch += 1
-            if not bar.disable:
-                bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
-        if pending:  # one transfer per kind of entry for the whole epoch
-            b = model._backend
-            scalars = [(v, n) for v, n in pending if v.ndim == 0]
-            vectors = [(v, n) for v, n in pending if v.ndim == 1]
-            total = 0.0
-            if scalars:
-                total += float(np.dot(b.to_numpy(b.xp.stack([v for v, _ in scalars])).astype(np.float64),
-                                      [n for _, n in scalars]))
-            for v, n in vectors:
-                total += float(b.to_numpy(v).astype(np.float64).sum()) * n
-            totals["loss"] = total
-        bar.close()
-        logs = {k: v / max(seen, 1) for k, v in totals.items()}
-        if validation_data is not None:
-            logs.update({f"val_{k}": v for k, v in evaluate(model, loss, validation_data, metrics=metrics,
-                                                             batch_size=batch_size).items()})
-            model.train()
-        history.record(epoch, logs)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, logs)
-        if trainer.stop:
-            break
-    model.eval()
+    with model._mode(True):
+        for epoch in range(epochs):
+            trainer.epoch = epoch
+            for cb in callbacks:
+                cb.on_epoch_begin(epoch, {})
+            totals = {"loss": 0.0, **{_metric_name(m): 0.0 for m in metrics}}
+            seen = 0
+            bar = tqdm(total=_n_batches(train_data, batch_size), desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=(not sys.stderr.isatty()) if progress is None else not progress, leave=True,
+                       dynamic_ncols=True)
+            # Per-batch figures are read back from the device only when something shows or uses them (the
+            # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
+            # so the host never waits for the device between steps.
+            live = not bar.disable or bool(metrics) or any(type(cb).on_batch_end is not Callback.on_batch_end
+                                                           for cb in callbacks)
+            pending, batch = [], 0
+            for loss_value, out, n, done, yb in _execute(model, step, k, _batches(train_data, batch_size, shuffle, rng),
+                                                         optimizer):
+                seen += n * done
+                bar.update(done)
+                if not live:
+                    pending.append((loss_value, n))
+                    continue
+                for value in np.asarray(model._backend.to_numpy(loss_value), np.float64).reshape(-1):
+                    logs = {"loss": float(value)}
+                    for m in metrics:  # (metrics run one batch per call: done == 1)
+                        logs[_metric_name(m)] = _float(m(out, yb))
+                    for key, v in logs.items():
+                        totals[key] += v * n
+                    for cb in callbacks:
+                        cb.on_batch_end(batch, logs)
+                    batch += 1
+                if not bar.disable:
+                    bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
+            if pending:  # one transfer per kind of entry for the whole epoch
+                b = model._backend
+                scalars = [(v, n) for v, n in pending if v.ndim == 0]
+                vectors = [(v, n) for v, n in pending if v.ndim == 1]
+                total = 0.0
+                if scalars:
+                    total += float(np.dot(b.to_numpy(b.xp.stack([v for v, _ in scalars])).astype(np.float64),
+                                          [n for _, n in scalars]))
+                for v, n in vectors:
+                    total += float(b.to_numpy(v).astype(np.float64).sum()) * n
+                totals["loss"] = total
+            bar.close()
+            logs = {k: v / max(seen, 1) for k, v in totals.items()}
+            if validation_data is not None:
+                logs.update({f"val_{k}": v for k, v in evaluate(model, loss, validation_data, metrics=metrics,
+                                                                 batch_size=batch_size).items()})
+            history.record(epoch, logs)
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, logs)
+            if trainer.stop:
+                break
     for cb in callbacks:
         cb.on_train_end(history.history)
     return history
@@ -344,12 +343,11 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
 
 def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), batch_size: int = 256) -> dict:
     """Mean ``loss`` and metrics of ``model`` over ``data`` (same forms as ``fit``), in eval mode, without
-    gradients. Returns ``{"loss": ..., "<metric>": ...}``."""
+    gradients (each module's mode is restored afterwards). Returns ``{"loss": ..., "<metric>": ...}``."""
     metrics = list(metrics)
     totals = {**({"loss": 0.0} if loss is not None else {}), **{_metric_name(m): 0.0 for m in metrics}}
     seen = 0
-    model.eval()
-    with model._backend.no_grad():
+    with model._mode(False), model._backend.no_grad():
         for xb, yb in _batches(data, batch_size, False, None):
             xb, yb = _to_model(model, xb), _to_model(model, yb)
             out = model(xb)
@@ -365,10 +363,9 @@ def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), 
 def predict(model: Module, data, batch_size: int = 256):
     """``model``'s outputs for ``data`` (an array, or an iterable of input batches), computed in
     batches in eval mode without gradients and joined along the first axis."""
-    model.eval()
     b = model._backend
     if hasattr(data, "shape"):
         data = [data[i:i + batch_size] for i in range(0, data.shape[0], batch_size)]
-    with b.no_grad():
+    with model._mode(False), b.no_grad():
         outs = [model(_to_model(model, xb)) for xb in data]
     return b.xp.concat(outs, axis=0) if outs else None
