@@ -28,6 +28,8 @@ def test_public_api_is_pinned():
         "functional_call", "value_and_grad",
         "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU",
         "Softmax", "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",
+        "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "GlobalAvgPool", "LayerNorm",
+        "RMSNorm", "Embedding",
         "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
         "UninitializedParameterError", "CheckpointError",
     ])

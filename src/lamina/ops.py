@@ -16,7 +16,8 @@ from .backends import backend_of
 from .errors import BackendError
 
 __all__ = ["relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax", "logsumexp", "einsum",
-           "linear", "dropout", "rfft"]
+           "linear", "dropout", "rfft", "conv", "max_pool", "avg_pool", "layer_norm", "rms_norm", "embedding",
+           "resolve_padding"]
 
 
 def _backend(x):
@@ -90,3 +91,66 @@ def rfft(x):
     """The discrete Fourier transform of real ``x`` along its last axis, non-negative frequencies only
     (n // 2 + 1 of them), as ``numpy.fft.rfft``."""
     return _backend(x).rfft(x)
+
+
+def _tuple(v, n: int, what: str) -> tuple:
+    t = (v,) * n if isinstance(v, int) else tuple(v)
+    if len(t) != n or not all(isinstance(i, int) and i >= 0 for i in t):
+        raise ValueError(f"{what} must be a non-negative int or a tuple of {n} of them, got {v!r}")
+    return t
+
+
+def resolve_padding(padding, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
+    """((low, high), ...) per spatial axis from an int, a tuple of ints, "valid" or "same".
+
+    "same" keeps the spatial size (stride 1 only, as in torch): the total d * (k - 1) is split with the
+    odd element on the high side."""
+    n = len(kernel)
+    if padding == "valid":
+        return ((0, 0),) * n
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' needs stride 1 (got stride {stride}); give the padding as ints")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in _tuple(padding, n, "padding"))
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1):
+    """N-d convolution (cross-correlation, as torch), channels first: x (N, C, *spatial), weight
+    (O, C // groups, *kernel), bias (O,). ``padding``: int, tuple, "valid" or "same"."""
+    n = weight.ndim - 2
+    stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
+    pads = resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)
+    return _backend(x).conv(x, weight, bias, stride, pads, dilation, groups)
+
+
+def max_pool(x, window, stride=None, padding=0):
+    """Max over windows of the spatial axes of x (N, C, *spatial); ``stride`` defaults to ``window``."""
+    n = x.ndim - 2
+    window = _tuple(window, n, "window")
+    stride = window if stride is None else _tuple(stride, n, "stride")
+    return _backend(x).pool(x, "max", window, stride, resolve_padding(padding, window, stride, (1,) * n))
+
+
+def avg_pool(x, window, stride=None, padding=0):
+    """Mean over windows of the spatial axes (padding counts as zeros, as torch's default)."""
+    n = x.ndim - 2
+    window = _tuple(window, n, "window")
+    stride = window if stride is None else _tuple(stride, n, "stride")
+    return _backend(x).pool(x, "avg", window, stride, resolve_padding(padding, window, stride, (1,) * n))
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
+    """(x - mean) / sqrt(var + eps) over the last axis, then * weight + bias."""
+    return _backend(x).layer_norm(x, weight, bias, eps)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6):
+    """x / sqrt(mean(x^2) + eps) over the last axis, then * weight."""
+    return _backend(x).rms_norm(x, weight, eps)
+
+
+def embedding(weight, indices):
+    """Rows of ``weight`` (num, dim) picked by integer ``indices``: shape indices.shape + (dim,)."""
+    return _backend(weight).embedding(weight, indices)

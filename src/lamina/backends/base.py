@@ -177,6 +177,31 @@ class Backend:
     def rfft(self, x):
         return self.xp.fft.rfft(x)
 
+    # ----- convolution and pooling (channels first: x (N, C, *spatial), w (O, C // groups, *kernel)) ------
+    def conv(self, x, w, b, stride: tuple, padding: tuple, dilation: tuple, groups: int):
+        """``padding``: ((low, high), ...) per spatial axis, already resolved from int / "same" / "valid"."""
+        raise NotImplementedError(f"the {self.name} backend has no convolution")
+
+    def pool(self, x, kind: str, window: tuple, stride: tuple, padding: tuple):
+        """Max ("max") or average ("avg", padding counted as zeros, as torch's default) pooling."""
+        raise NotImplementedError(f"the {self.name} backend has no pooling")
+
+    def layer_norm(self, x, weight, bias, eps: float):
+        xp = self.xp
+        mean = xp.mean(x, axis=-1, keepdims=True)
+        var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+        y = (x - mean) / xp.sqrt(var + eps)
+        y = y if weight is None else y * weight
+        return y if bias is None else y + bias
+
+    def rms_norm(self, x, weight, eps: float):
+        xp = self.xp
+        y = x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+        return y if weight is None else y * weight
+
+    def embedding(self, weight, indices):
+        return self.xp.take(weight, self.xp.reshape(indices, (-1,)), axis=0).reshape(*indices.shape, weight.shape[-1])
+
     # ----- losses and metrics (means over the batch) ----------------------------------------------------
     def is_integral(self, x) -> bool:
         return self.xp.isdtype(x.dtype, "integral")

@@ -211,6 +211,24 @@ class JaxBackend(Backend):
     def rfft(self, x):
         return jnp.fft.rfft(x)
 
+    def conv(self, x, w, b, stride, padding, dilation, groups):
+        nd = len(stride)
+        spec = ("NCH", "OIH", "NCH") if nd == 1 else ("NCHW", "OIHW", "NCHW") if nd == 2 else (
+            "NCDHW", "OIDHW", "NCDHW")
+        y = jax.lax.conv_general_dilated(x, w, stride, list(padding), rhs_dilation=dilation,
+                                         dimension_numbers=spec, feature_group_count=groups)
+        return y if b is None else y + b.reshape(1, -1, *([1] * nd))
+
+    def pool(self, x, kind, window, stride, padding):
+        dims, strides, pads = (1, 1, *window), (1, 1, *stride), ((0, 0), (0, 0), *padding)
+        if kind == "max":
+            return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pads)
+        return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pads) / float(np.prod(window))
+
+    def embedding(self, weight, indices):
+        # jax clamps out-of-range indices silently; NaN rows make the mistake visible instead
+        return jnp.take(weight, indices, axis=0, mode="fill", fill_value=jnp.nan)
+
     def dropout(self, x, rate, training=True, key=None):
         if not training or rate == 0.0:
             return x

@@ -79,3 +79,39 @@ class NumpyBackend(Backend):
 
     def rfft(self, x):
         return np.fft.rfft(x)
+
+    # A correct, if slower, convolution for inference: windows through sliding_window_view, one
+    # tensordot per group.
+    def conv(self, x, w, b, stride, padding, dilation, groups):
+        nd = len(stride)
+        x = np.pad(x, [(0, 0), (0, 0), *padding])
+        kernel = w.shape[2:]
+        span = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+        win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
+        # win: (N, C, *out_full, *span) -> stride over outputs, dilation inside the window
+        win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+                  + tuple(slice(None, None, d) for d in dilation)]
+        cin = w.shape[1]
+        outs = []
+        for g in range(groups):
+            patch = win[:, g * cin:(g + 1) * cin]
+            wg = w[g * (w.shape[0] // groups):(g + 1) * (w.shape[0] // groups)]
+            # patch (N, cin, *out, *k) . wg (o, cin, *k) -> (N, *out, o)
+            y = np.tensordot(patch, wg, axes=([1, *range(2 + nd, 2 + 2 * nd)], [1, *range(2, 2 + nd)]))
+            outs.append(np.moveaxis(y, -1, 1))
+        y = np.concatenate(outs, axis=1) if groups > 1 else outs[0]
+        if b is not None:
+            y = y + b.reshape(1, -1, *([1] * nd))
+        return y.astype(np.result_type(x, w), copy=False)
+
+    def pool(self, x, kind, window, stride, padding):
+        nd = len(window)
+        fill = -np.inf if kind == "max" else 0
+        x = np.pad(x, [(0, 0), (0, 0), *padding], constant_values=fill)
+        win = np.lib.stride_tricks.sliding_window_view(x, window, axis=tuple(range(2, 2 + nd)))
+        win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
+        axes = tuple(range(-nd, 0))
+        return win.max(axis=axes) if kind == "max" else win.mean(axis=axes)
+
+    def embedding(self, weight, indices):
+        return weight[indices]

@@ -175,6 +175,34 @@ class TorchBackend(Backend):
     def rfft(self, x):
         return torch.fft.rfft(x)
 
+    def conv(self, x, w, b, stride, padding, dilation, groups):
+        nd = len(stride)
+        if any(lo != hi for lo, hi in padding):  # torch pads symmetrically: pad the uneven part first
+            x = F.pad(x, [v for lo, hi in reversed(padding) for v in (lo, hi)])
+            padding = [(0, 0)] * nd
+        fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        return fn(x, w, b, stride, [lo for lo, _ in padding], dilation, groups)
+
+    def pool(self, x, kind, window, stride, padding):
+        nd = len(window)
+        if any(lo != hi for lo, hi in padding) or any(lo > k // 2 for (lo, _), k in zip(padding, window)):
+            x = F.pad(x, [v for lo, hi in reversed(padding) for v in (lo, hi)],
+                      value=float("-inf") if kind == "max" else 0.0)
+            padding = [(0, 0)] * nd
+        pad = [lo for lo, _ in padding]
+        if kind == "max":
+            return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1](x, window, stride, pad)
+        return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1](x, window, stride, pad, count_include_pad=True)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    def rms_norm(self, x, weight, eps):
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+    def embedding(self, weight, indices):
+        return F.embedding(indices.long() if indices.dtype != torch.int64 else indices, weight)
+
     def is_integral(self, x):
         return not x.is_floating_point() and not x.is_complex()
 

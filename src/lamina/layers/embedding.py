@@ -1,0 +1,34 @@
+"""Embedding: a lookup table of vectors indexed by integers."""
+
+from __future__ import annotations
+
+from .. import init as _init
+from ..module import Module
+from ..parameter import Parameter
+
+
+class Embedding(Module):
+    """Rows of a (num_embeddings, dim) table for integer indices: (...) -> (..., dim).
+
+    Default initializer N(0, 1), as torch. Out-of-range indices are an error on torch and numpy; jax
+    cannot raise inside compiled code, so there they give NaN rows rather than a silently clamped one.
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.set_backend("numpy"); lm.Embedding(10, 4)(np.array([[1, 2, 3]])).shape
+    <lamina backend 'numpy'>
+    (1, 3, 4)
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, *, init=None):
+        super().__init__()
+        for name, v in (("num_embeddings", num_embeddings), ("dim", dim)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"Embedding: {name} must be a positive int, got {v!r}")
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight = Parameter((num_embeddings, dim), init=init or _init.normal())
+
+    def forward(self, indices):
+        return self._backend.embedding(self.weight, indices)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.dim}"
