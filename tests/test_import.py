@@ -29,7 +29,7 @@ def test_public_api_is_pinned():
         "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU",
         "Softmax", "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",
         "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "GlobalAvgPool", "LayerNorm",
-        "RMSNorm", "Embedding",
+        "RMSNorm", "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout", "random",
         "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
         "UninitializedParameterError", "CheckpointError",
     ])

@@ -9,7 +9,7 @@ JAX and NumPy.
 Importing lamina imports no backend; a backend's library is imported the first time it is used.
 """
 
-from . import init, losses, ops, optim, testing
+from . import init, losses, ops, optim, random, testing
 from .backends import available_backends, backend_of, devices, get_backend, set_backend
 from .checkpoint import load, load_into, save
 from .errors import (
@@ -28,8 +28,11 @@ from .layers import (
     GELU,
     AvgPool1d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
     Conv1d,
     Conv2d,
+    Dropout,
     Embedding,
     Flatten,
     GlobalAvgPool,
@@ -59,7 +62,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # core
-    "Module", "Parameter", "Buffer", "init", "ops", "losses", "optim", "testing", "manual_seed",
+    "Module", "Parameter", "Buffer", "init", "ops", "losses", "optim", "random", "testing", "manual_seed",
     # backends
     "set_backend", "get_backend", "backend_of", "available_backends", "devices",
     # checkpoints
@@ -72,7 +75,7 @@ __all__ = [
     "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU", "Softmax",
     "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",
     "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "GlobalAvgPool", "LayerNorm", "RMSNorm",
-    "Embedding",
+    "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout",
     # errors
     "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
     "UninitializedParameterError", "CheckpointError",

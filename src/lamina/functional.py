@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .module import Module
+from .module import _PURE_FRAMES, Module
 
 __all__ = ["functional_call", "value_and_grad"]
 
@@ -25,11 +25,15 @@ def _ready(model: Module, args, kwargs) -> None:
 
 @contextmanager
 def _swapped(model: Module, params: dict):
+    """Show ``params`` ({path: array}) to the model's modules for the duration; yields the dict in which
+    buffer writes made by forward are recorded ({path: new value}). Everything is restored afterwards."""
     idx = model._index()
     unknown = [k for k in params if k not in idx.paths]
     if unknown:
         raise KeyError(f"{type(model).__name__} has no parameter {unknown}; its parameters are {list(idx.paths)}")
     touched = []
+    frame = {"writes": {}, "written": {}, "paths": {id(p): path for path, p in idx.entries}}
+    _PURE_FRAMES.append(frame)
     try:
         for path, value in params.items():
             p = idx.paths[path]
@@ -38,15 +42,25 @@ def _swapped(model: Module, params: dict):
                 if m is not None:
                     m.__dict__[name] = value
                     touched.append((m, name, p))
-        yield
+        yield frame["writes"]
     finally:
+        _PURE_FRAMES.pop()
         for m, name, p in touched:
             m.__dict__[name] = p._value
+        for p in frame["written"].values():
+            for ref, name in p._owners:
+                m = ref()
+                if m is not None:
+                    m.__dict__[name] = p._value
 
 
-def functional_call(model: Module, params: dict, *args, **kwargs):
+def functional_call(model: Module, params: dict, *args, return_buffers: bool = False, **kwargs):
     """``model(*args, **kwargs)`` computed with ``params`` (``{path: array}``) instead of the model's own
     values. Parameters missing from ``params`` keep their current values; an unknown path is an error.
+
+    Buffers that forward updates (BatchNorm's running statistics in training mode) are not changed in the
+    model: with ``return_buffers=True`` the call returns ``(outputs, {path: new buffer value})`` so that
+    the caller can keep them, as a pure function should.
 
     >>> import lamina as lm, numpy as np
     >>> lm.set_backend("numpy"); layer = lm.Linear(2, 1)
@@ -56,8 +70,9 @@ def functional_call(model: Module, params: dict, *args, **kwargs):
     array([[3.]], dtype=float32)
     """
     _ready(model, args, kwargs)
-    with _swapped(model, params):
-        return model(*args, **kwargs)
+    with _swapped(model, params) as writes:
+        out = model(*args, **kwargs)
+    return (out, dict(writes)) if return_buffers else out
 
 
 def value_and_grad(fn, has_aux: bool = False):
@@ -76,13 +91,18 @@ def value_and_grad(fn, has_aux: bool = False):
         params = {path: p.value for path, p in entries}
 
         def pure(ps):
-            with _swapped(model, ps):
-                return fn(model, *args, **kwargs)
+            with _swapped(model, ps) as writes:
+                out = fn(model, *args, **kwargs)
+            loss, aux = out if has_aux else (out, None)
+            return loss, (aux, dict(writes))
 
-        out, grads = model._backend.value_and_grad(pure, params, has_aux)
+        (loss, (aux, writes)), grads = model._backend.value_and_grad(pure, params, True)
         grads = {path: grads[path] for path in params}  # model order (jax returns dict keys sorted)
         for path, p in entries:
             p.grad = grads.get(path)
-        return out, grads
+        index = model._index()
+        for path, value in writes.items():  # buffer updates made by forward (running statistics)
+            index.paths[path]._assign(model._backend.stop_gradient(value))
+        return ((loss, aux) if has_aux else loss), grads
 
     return wrapped

@@ -42,7 +42,8 @@ _seed = {"seed": secrets.randbits(63), "models": 0}
 
 
 def manual_seed(seed: int) -> None:
-    """Make initial values reproducible: same seed, same weights, on every backend.
+    """Make initial values reproducible (same seed, same weights, on every backend) and random layers
+    such as dropout too (same seed, same masks on a given backend).
 
     Applies to parameters created after the call.
     """
@@ -50,6 +51,9 @@ def manual_seed(seed: int) -> None:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _seed["seed"] = int(seed)
     _seed["models"] = 0
+    from . import random
+
+    random.reseed(int(seed))  # dropout masks too
 
 
 def current_seed() -> int:

@@ -28,6 +28,11 @@ __all__ = ["Module"]
 
 _NO_INPUT = object()  # marks "called with no positional input"
 
+# One frame per pure call in progress (functional_call, value_and_grad, a compiled train step): buffer values
+# that forward assigns are recorded there, {path: value}, instead of being stored in the Buffer, because
+# inside a pure call they are tracers or values of a computation that the caller owns.
+_PURE_FRAMES: list[dict] = []
+
 # Bumped by every change of any module tree's structure; traversal caches compare against it.
 _STRUCTURE = [0]
 
@@ -341,7 +346,10 @@ class Module:
             self._register_module(name, value)
         elif name in params and value is not None:
             if value is not d.get(name):
-                params[name]._assign(value)
+                if _PURE_FRAMES:
+                    self._record_write(params[name], name, value)
+                else:
+                    params[name]._assign(value)
         elif _holds_modules(value):
             from .layers.containers import ModuleDict, ModuleList
 
@@ -350,6 +358,20 @@ class Module:
         else:
             self._unregister(name)
             d[name] = value
+
+    def _record_write(self, p: Parameter, name: str, value) -> None:
+        frame = _PURE_FRAMES[-1]
+        path = frame["paths"].get(id(p))
+        if not p._is_buffer or path is None:
+            raise ModuleError(f"{type(self).__name__}.forward assigned {'parameter' if not p._is_buffer else 'buffer'}"
+                              f" '{name}' during a pure call (functional_call, value_and_grad, a compiled step); "
+                              "only buffers of the model being called may be updated there")
+        frame["writes"][path] = value
+        frame["written"][id(p)] = p
+        for ref, owner_name in p._owners:  # later reads in this call see the new value
+            m = ref()
+            if m is not None:
+                m.__dict__[owner_name] = value
 
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails: an unregistered name, or a parameter with no value yet.

@@ -261,7 +261,7 @@ class Parameter:
                              "(to change its shape, assign a new lm.Parameter)")
         if not self.is_built:
             self.materialize(shape)
-        if b.dtype_name(new) != self.dtype:
+        if b.dtype_name(new) != b.canonical_dtype(self.dtype):
             new, fresh = b.xp.astype(new, b.dtype(self.dtype)), True
         if new is self._value:
             return

@@ -42,6 +42,10 @@ class Backend:
         """The backend's dtype object for a dtype name such as ``"float32"``."""
         raise NotImplementedError
 
+    def canonical_dtype(self, name: str) -> str:
+        """The dtype an array declared as ``name`` actually gets on this backend."""
+        return name
+
     def dtype_name(self, x) -> str:
         """The dtype name of an array of this backend."""
         return str(x.dtype).removeprefix("torch.")
@@ -227,6 +231,37 @@ class Backend:
         if not self.is_integral(labels):
             labels = xp.argmax(labels, axis=-1)
         return xp.mean(xp.astype(xp.argmax(scores, axis=-1) == labels, scores.dtype))
+
+    def stop_gradient(self, x):
+        """``x`` cut off from autodiff (no-op where there is none)."""
+        return x
+
+    def fold_key(self, key, i: int):
+        """The ``i``-th key derived from ``key`` (see ``lamina.random``)."""
+        return hash((key, i)) & 0x7FFFFFFF
+
+    def batch_norm(self, x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float):
+        """Normalize over every axis but 1 (channels). Returns ``(y, new running mean, new running var)``;
+        in training mode the batch statistics normalize and update the running ones (unbiased variance),
+        in eval mode the running ones normalize and come back unchanged."""
+        xp = self.xp
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        if training:
+            mean = xp.mean(x, axis=axes)
+            var = xp.mean((x - xp.reshape(mean, shape)) ** 2, axis=axes)
+            n = x.size // x.shape[1]
+            m, v = self.stop_gradient(mean), self.stop_gradient(var)
+            running_mean = running_mean * (1 - momentum) + m * momentum
+            running_var = running_var * (1 - momentum) + v * (momentum * n / max(n - 1, 1))
+        else:
+            mean, var = running_mean, running_var
+        y = (x - xp.reshape(mean, shape)) / xp.sqrt(xp.reshape(var, shape) + eps)
+        if weight is not None:
+            y = y * xp.reshape(weight, shape)
+        if bias is not None:
+            y = y + xp.reshape(bias, shape)
+        return y, running_mean, running_var
 
     def dropout(self, x, rate: float, training: bool = True, key=None):
         if not training or rate == 0.0:

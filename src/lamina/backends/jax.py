@@ -45,6 +45,10 @@ class JaxBackend(Backend):
     def dtype_name(self, x):
         return str(x.dtype)
 
+    def canonical_dtype(self, name):
+        # without jax_enable_x64, 64-bit types are stored as 32-bit ones
+        return str(jax.dtypes.canonicalize_dtype(jnp.dtype(name))) if name != "bfloat16" else name
+
     def from_numpy(self, a, device=None, copy=True):
         return jax.device_put(np.asarray(a), self._device(device))
 
@@ -91,6 +95,7 @@ class JaxBackend(Backend):
     def train_step(self, model, loss_fn, optimizer, compile, outputs=True):
         """One ``jax.jit`` program per input shape: forward, gradient and optimizer update together, with
         the parameters and optimizer state donated so XLA updates them in place."""
+        from .. import random
         from ..functional import _swapped
         from ..module import _STRUCTURE
 
@@ -98,34 +103,34 @@ class JaxBackend(Backend):
 
         engine = optimizer.engine(self)
 
-        def pure(params, consts, state, x, y, scalars):
+        def pure(params, bufs, consts, state, x, y, scalars, seed):
             def f(ps):
-                with _swapped(model, {**consts, **{names_to_paths[k]: v for k, v in ps.items()}}):
+                swap = {**consts, **bufs, **{names_to_paths[k]: v for k, v in ps.items()}}
+                with _swapped(model, swap) as writes, random.key_scope(jax.random.key(seed)):
                     out = model(x)
-                return loss_fn(out, y), out
+                return loss_fn(out, y), (out, dict(writes))
 
-            (loss, out), grads = jax.value_and_grad(f, has_aux=True)(params)
+            (loss, (out, writes)), grads = jax.value_and_grad(f, has_aux=True)(params)
             params, state = engine.update(grads, state, params, scalars)
-            return params, state, loss, (out if outputs else None)
+            return params, {**bufs, **writes}, state, loss, (out if outputs else None)
 
-        def many(params, consts, state, xs, ys, table):
-            """Steps over the leading axis of xs, ys and table, as one program: the same update per step."""
+        def many(params, bufs, consts, state, xs, ys, table, seeds):
+            """Steps over the leading axis of xs, ys, table and seeds, as one program: the same update per step."""
             def body(carry, batch):
-                x, y, scalars = batch
-                p, s, loss, _ = pure(carry[0], consts, carry[1], x, y, scalars)
-                return (p, s), loss
+                p, b, s, loss, _ = pure(carry[0], carry[1], consts, carry[2], *batch)
+                return (p, b, s), loss
 
-            (params, state), losses = jax.lax.scan(body, (params, state), (xs, ys, table))
-            return params, state, losses
+            (params, bufs, state), losses = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
+            return params, bufs, state, losses
 
-        run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 2))
-        run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 2))
+        run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3))
+        run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3))
         names_to_paths: dict = {}
         cache: dict = {}
 
         def layout():
-            """Names, parameters and constants, recomputed only when the model's structure changed (a
-            trainable flag flipping counts as a change)."""
+            """Names, parameters, buffers and constants, recomputed only when the model's structure changed
+            (a trainable flag flipping counts as a change)."""
             version = _structure_version()
             if cache.get("v") != version:
                 index = model._index()
@@ -134,38 +139,44 @@ class JaxBackend(Backend):
                 paths = {id(p): path for path, p in index.entries}
                 names_to_paths.clear()
                 names_to_paths.update({k: paths.get(id(p), k) for k, p in entries})
-                cache.update(v=version, entries=entries,
-                             consts=[(path, p) for path, p in index.entries if id(p) not in trainable])
+                rest = [(path, p) for path, p in index.entries if id(p) not in trainable]
+                cache.update(v=version, entries=entries, bufs=[(k, p) for k, p in rest if p._is_buffer],
+                             consts=[(k, p) for k, p in rest if not p._is_buffer])
                 engine.ensure({k: p.value for k, p in entries})
-            return cache["entries"], cache["consts"]
+            return cache["entries"], cache["bufs"], cache["consts"]
 
-        def write_back(entries, params):
-            for k, p in entries:  # the new values replace the donated ones everywhere they are shown
-                v = params[k]
+        def show(pairs, values):
+            for k, p in pairs:  # the new values replace the donated ones everywhere they are shown
+                v = values[k]
                 p._value = v
                 for ref, name in p._owners:
                     m = ref()
                     if m is not None:
                         m.__dict__[name] = v
 
+        def arguments():
+            entries, buf_entries, const_entries = layout()
+            return (entries, buf_entries, {k: p._value for k, p in entries}, {k: p._value for k, p in buf_entries},
+                    {k: p._value for k, p in const_entries})
+
         def step(x, y, lr):
-            entries, const_entries = layout()
-            params = {k: p._value for k, p in entries}
-            consts = {path: p._value for path, p in const_entries}
-            params, engine.state, loss, out = run(params, consts, engine.state, x, y, engine.scalars(lr))
+            entries, buf_entries, params, bufs, consts = arguments()
+            params, bufs, engine.state, loss, out = run(params, bufs, consts, engine.state, x, y,
+                                                        engine.scalars(lr), np.uint32(random.next_seed()))
             engine.count += 1
-            write_back(entries, params)
+            show(entries, params)
+            show(buf_entries, bufs)
             return loss, out
 
         def step_many(xs, ys, lrs):
             """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
-            entries, const_entries = layout()
-            params = {k: p._value for k, p in entries}
-            consts = {path: p._value for path, p in const_entries}
+            entries, buf_entries, params, bufs, consts = arguments()
             table = np.stack([engine.scalars(lr, i) for i, lr in enumerate(lrs)])
-            params, engine.state, losses = run_many(params, consts, engine.state, xs, ys, table)
+            seeds = np.array([random.next_seed() for _ in lrs], np.uint32)
+            params, bufs, engine.state, losses = run_many(params, bufs, consts, engine.state, xs, ys, table, seeds)
             engine.count += len(lrs)
-            write_back(entries, params)
+            show(entries, params)
+            show(buf_entries, bufs)
             return losses
 
         step.compiled = run  # exposed so tests can count compilations
@@ -229,13 +240,19 @@ class JaxBackend(Backend):
         # jax clamps out-of-range indices silently; NaN rows make the mistake visible instead
         return jnp.take(weight, indices, axis=0, mode="fill", fill_value=jnp.nan)
 
+    def stop_gradient(self, x):
+        return jax.lax.stop_gradient(x)
+
+    def fold_key(self, key, i):
+        return jax.random.fold_in(key, i)
+
     def dropout(self, x, rate, training=True, key=None):
         if not training or rate == 0.0:
             return x
         if key is None:
             raise BackendError(
                 "dropout on the jax backend needs a random key: pass key=jax.random.key(...) "
-                "(jax has no hidden global random state)"
+                "(jax has no hidden global random state); the Dropout layer finds its own"
             )
         if not isinstance(key, jax.Array):
             key = jax.random.key(key)

@@ -116,7 +116,7 @@ class TorchBackend(Backend):
             else:  # the loss does not depend on any parameter: every gradient is zero (as jax says)
                 grads = [None] * len(paths)
         grads = {p: torch.zeros_like(params[p]) if g is None else g for p, g in zip(paths, grads)}
-        return (out if has_aux else loss.detach()), grads
+        return ((loss.detach(), out[1]) if has_aux else loss.detach()), grads
 
     # ----- training ----------------------------------------------------------------------------------
     def optimizer(self, kind, hyper):
@@ -218,9 +218,23 @@ class TorchBackend(Backend):
         return F.mse_loss(pred, target)
 
     def dropout(self, x, rate, training=True, key=None):
-        if key is None:
+        if key is None or not training or rate == 0.0:
             return F.dropout(x, rate, training)
-        return super().dropout(x, rate, training, key)
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(int(key))
+        keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) >= rate
+        return x * keep / (1.0 - rate)
+
+    def stop_gradient(self, x):
+        return x.detach()
+
+    def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
+        if not training:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps), \
+                running_mean, running_var
+        # the native kernel updates the statistics it is given in place: give it copies, stay pure
+        mean, var = running_mean.detach().clone(), running_var.detach().clone()
+        return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps), mean, var
 
 
 class _TorchOptimizer:

@@ -1,0 +1,48 @@
+"""Randomness for layers (dropout): reproducible from ``lm.manual_seed`` and usable inside compiled steps.
+
+A random layer asks ``next_key(backend)`` for each draw. Inside ``key_scope(key)`` (the jax train step
+opens one per step, with a key passed in as data) the keys are derived from that key, so nothing random
+is hidden in global state that ``jax.jit`` would freeze. Outside any scope they are fresh integer seeds
+from a host stream that ``lm.manual_seed`` resets, so eager runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager
+
+import numpy as np
+
+__all__ = ["next_key", "key_scope", "next_seed"]
+
+_host = {"rng": np.random.default_rng(secrets.randbits(63))}
+_scopes: list[list] = []  # [key, draws so far] per open scope
+
+
+def reseed(seed: int) -> None:
+    """Restart the host stream (called by ``lm.manual_seed``)."""
+    _host["rng"] = np.random.default_rng([seed, 0x5EED])
+
+
+def next_seed() -> int:
+    """A fresh 31-bit seed from the host stream."""
+    return int(_host["rng"].integers(0, 2**31 - 1))
+
+
+def next_key(backend):
+    """The key for one random draw: derived from the innermost ``key_scope``, else a host seed."""
+    if _scopes:
+        scope = _scopes[-1]
+        scope[1] += 1
+        return backend.fold_key(scope[0], scope[1])
+    return next_seed()
+
+
+@contextmanager
+def key_scope(key):
+    """Random layers called inside draw their keys from ``key`` (a backend key or an int seed)."""
+    _scopes.append([key, 0])
+    try:
+        yield
+    finally:
+        _scopes.pop()
