@@ -214,8 +214,22 @@ def test_dtype_policy_casts_floats_only(backend):
     net.load_state_dict({"0.weight": np.full((2, 2), 0.5, np.float16), "0.bias": np.zeros(2, np.float64)})
     assert to_np(net[0].weight).dtype == np.float32
     np.testing.assert_array_equal(to_np(net[0].weight), 0.5)
-    with pytest.raises(lm.CheckpointError, match="only floating types are cast"):
+    with pytest.raises(lm.CheckpointError, match="floating types are cast, integers only widened"):
         net.load_state_dict({"0.weight": np.ones((2, 2), np.int64), "0.bias": np.zeros(2, np.float32)})
+
+    class Counter(lm.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.n = lm.Buffer(np.zeros((), dtype))
+
+        def forward(self, x):
+            return x
+
+    wide = Counter(np.int64)
+    wide.load_state_dict({"n": np.array(7, np.int32)})  # widening: fine (a jax checkpoint into torch)
+    assert int(to_np(wide.n)) == 7
+    with pytest.raises(lm.CheckpointError, match="dtype int64 in the checkpoint, int16 in the model"):
+        Counter(np.int16).load_state_dict({"n": np.array(7, np.int64)})
 
 
 def test_load_state_dict_copies_user_arrays(backend):

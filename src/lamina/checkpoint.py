@@ -15,8 +15,10 @@ Metadata in each file (``__metadata__`` of the safetensors header, all strings):
 original order), and for modules ``class`` and ``aliases`` (tied parameters: ``{alias path: stored path}``).
 
 Dtype policy when loading into a model: a floating-point value loads into a floating-point parameter of
-another precision by casting to the parameter's dtype (as ``torch.Tensor.copy_`` does); any other
-difference (int into float, float into int, bool) is a mismatch and is reported.
+another precision by casting to the parameter's dtype (as ``torch.Tensor.copy_`` does); an integer loads
+into an integer type that holds all its values (int32 into int64, as a jax checkpoint does into torch);
+any other difference (int into float, float into int, int64 into int32, bool) is a mismatch and is
+reported.
 """
 
 from __future__ import annotations
@@ -426,9 +428,24 @@ def _check(p, shape, dtype) -> str | None:
     if not p.is_built and (len(shape) != len(p.shape)
                            or any(a is not None and a != b for a, b in zip(p.shape, shape))):
         return f"shape {tuple(shape)} in the checkpoint does not fit {p.shape} declared in the model"
-    if dtype != p.dtype and not (dtype in _FLOATS and p.dtype in _FLOATS):
-        return f"dtype {dtype} in the checkpoint, {p.dtype} in the model (only floating types are cast)"
+    if dtype != p.dtype and not _castable(dtype, p):
+        return (f"dtype {dtype} in the checkpoint, {p.dtype} in the model (floating types are cast, integers "
+                "only widened)")
     return None
+
+
+def _castable(dtype: str, p) -> bool:
+    """The dtype policy: floating into floating; an integer into an integer type that holds all its values;
+    and whatever the backend itself stores the declared type as (jax without x64: int64 as int32)."""
+    if dtype in _FLOATS and p.dtype in _FLOATS:
+        return True
+    if dtype == p.backend.canonical_dtype(p.dtype):
+        return True
+    try:
+        src, dst = np.dtype(dtype), np.dtype(p.dtype)
+    except TypeError:
+        return False
+    return src.kind in "iu" and dst.kind in "iu" and np.can_cast(src, dst, casting="safe")
 
 
 def _lazy_owners(model: Module, keys) -> str:

@@ -497,7 +497,8 @@ class Module:
         is left exactly as it was. ``allow_missing=True`` keeps the current values of parameters that
         the mapping lacks; ``ignore_extra=True`` skips keys the model lacks; ``strict=False`` does both.
         A parameter whose shape is not known yet (a lazy layer never called) takes the stored shape.
-        Floating values are cast to the parameter's floating dtype; other dtype differences are errors.
+        Floating values are cast to the parameter's floating dtype and integers widened to its integer
+        dtype; other dtype differences are errors.
         On torch, values are copied into the existing tensors, so optimizers holding them stay valid.
         """
         from .checkpoint import _apply, _plan
