@@ -30,6 +30,7 @@ def test_public_api_is_pinned():
         "Softmax", "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",
         "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "GlobalAvgPool", "LayerNorm",
         "RMSNorm", "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout", "random",
+        "RNN", "GRU", "LSTM", "MultiHeadAttention",
         "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
         "UninitializedParameterError", "CheckpointError",
     ])

@@ -26,6 +26,9 @@ from .functional import functional_call, value_and_grad
 from .init import manual_seed
 from .layers import (
     GELU,
+    GRU,
+    LSTM,
+    RNN,
     AvgPool1d,
     AvgPool2d,
     BatchNorm1d,
@@ -46,6 +49,7 @@ from .layers import (
     MaxPool2d,
     ModuleDict,
     ModuleList,
+    MultiHeadAttention,
     ReLU,
     RMSNorm,
     Sequential,
@@ -75,7 +79,7 @@ __all__ = [
     "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU", "Softmax",
     "LogSoftmax", "Flatten", "Identity", "TensorReduction", "LeadingFourier",
     "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "GlobalAvgPool", "LayerNorm", "RMSNorm",
-    "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout",
+    "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout", "RNN", "GRU", "LSTM", "MultiHeadAttention",
     # errors
     "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
     "UninitializedParameterError", "CheckpointError",

@@ -25,8 +25,20 @@ class LayerCheckError(AssertionError):
     """A layer failed ``check_layer``; the message lists every failed check."""
 
 
-def _host(layer: Module, y) -> np.ndarray:
-    return np.asarray(layer._backend.to_numpy(y))
+def _flat(y) -> list:
+    """The arrays of an output that may be a (nested) tuple, as (output, (h, c)) of an LSTM."""
+    if isinstance(y, tuple | list):
+        return [a for item in y for a in _flat(item)]
+    return [y]
+
+
+def _host(layer: Module, y) -> list:
+    return [np.asarray(layer._backend.to_numpy(a)) for a in _flat(y)]
+
+
+def _same(a: list, b: list, rtol: float = 0.0, atol: float = 0.0) -> bool:
+    return len(a) == len(b) and all(u.shape == v.shape and np.allclose(u, v, rtol=rtol, atol=atol, equal_nan=False)
+                                    if rtol or atol else np.array_equal(u, v) for u, v in zip(a, b))
 
 
 def _real_parts(y: np.ndarray) -> np.ndarray:
@@ -73,10 +85,11 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
         # 1. build and output shape
         layer.build(shape)
         y = _host(layer, layer(x))
-        report["output shape"] = str(tuple(y.shape))
-        if output_shape is not None and (len(output_shape) != y.ndim or any(
-                o is not None and o != s for o, s in zip(output_shape, y.shape))):
-            fail("output shape", f"declared {tuple(output_shape)}, got {tuple(y.shape)}")
+        report["output shape"] = ", ".join(str(tuple(a.shape)) for a in y)
+        first = y[0]
+        if output_shape is not None and (len(output_shape) != first.ndim or any(
+                o is not None and o != s for o, s in zip(output_shape, first.shape))):
+            fail("output shape", f"declared {tuple(output_shape)}, got {tuple(first.shape)}")
 
         # 2. parameter names
         names = [k for k, _ in layer.named_parameters()]
@@ -100,8 +113,8 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
                 p.value = p.numpy() + 1.0
         load_into(layer, saved)
         y2 = _host(layer, layer(x))
-        if not np.array_equal(y2, y):
-            fail("save/load", f"outputs changed by up to {np.abs(y2 - y).max():.3g} after a round trip")
+        if not _same(y2, y):
+            fail("save/load", "outputs changed after a save/load round trip")
         else:
             report["save/load"] = "outputs restored exactly"
 
@@ -116,16 +129,18 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
         else:
             layer.to(backend=grad_backend)
             b = layer._backend
-            weights = rng.standard_normal(_real_parts(y).shape)
+            weights = rng.standard_normal(sum(_real_parts(a).size for a in y))
             w = b.from_numpy(weights.astype(np.float32))
 
             def loss(m, inp):
-                out = m(inp)
                 xp = m._backend.xp
-                flat = xp.reshape(out, (-1,))
-                if xp.isdtype(flat.dtype, "complex floating"):
-                    flat = xp.concat([xp.real(flat), xp.imag(flat)])
-                return xp.sum(flat * w)
+                parts = []
+                for out in _flat(m(inp)):
+                    flat = xp.reshape(out, (-1,))
+                    if xp.isdtype(flat.dtype, "complex floating"):
+                        flat = xp.concat([xp.real(flat), xp.imag(flat)])
+                    parts.append(flat)
+                return xp.sum(xp.concat(parts) * w)
 
             from .functional import value_and_grad
 
@@ -148,7 +163,8 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             from .functional import functional_call
 
             def f(vals):
-                return float(_real_parts(np.asarray(functional_call(layer, vals, x64))) @ weights)
+                outs = _flat(functional_call(layer, vals, x64))
+                return float(np.concatenate([_real_parts(np.asarray(o)) for o in outs]) @ weights)
 
             bad = []
             for k, _ in trainable:
@@ -176,9 +192,9 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
         for other in others:
             layer.to(backend=other)
             yo = _host(layer, layer(x))
-            if yo.shape != y.shape or not np.allclose(yo, y, rtol=rtol, atol=atol):
-                diff = np.abs(yo - y).max() if yo.shape == y.shape else f"shape {yo.shape}"
-                fail("backends", f"{other} differs from {home} by {diff}")
+            if not _same(yo, y, rtol, atol):
+                diffs = [f"{np.abs(u - v).max():.3g}" if u.shape == v.shape else f"shape {u.shape}" for u, v in zip(yo, y)]
+                fail("backends", f"{other} differs from {home} by {', '.join(diffs)}")
             else:
                 agreed.append(other)
         report["backends"] = f"{home} agrees with {', '.join(agreed)}" if agreed else "only one backend installed"

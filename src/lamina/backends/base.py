@@ -232,6 +232,34 @@ class Backend:
             labels = xp.argmax(labels, axis=-1)
         return xp.mean(xp.astype(xp.argmax(scores, axis=-1) == labels, scores.dtype))
 
+    def attention_mask(self, key_padding_mask, causal: bool, n: int, lq: int, lk: int):
+        """Boolean (N, 1, Lq, Lk) mask, True where a query may attend a key; None when nothing is masked."""
+        xp = self.xp
+        mask = None
+        if key_padding_mask is not None:  # True marks padding (torch's convention)
+            mask = xp.reshape(xp.logical_not(xp.astype(key_padding_mask, xp.bool)), (n, 1, 1, lk))
+        if causal:
+            tri = xp.reshape(xp.arange(lq)[:, None] >= xp.arange(lk)[None, :], (1, 1, lq, lk))
+            mask = tri if mask is None else xp.logical_and(mask, tri)
+        return mask
+
+    def attention(self, q, k, v, mask):
+        """Scaled dot-product attention; q (N, Lq, heads, d), k and v (N, Lk, heads, d) -> (N, Lq, heads, d)."""
+        xp = self.xp
+        scores = self.einsum("nlhd,nshd->nhls", q, k) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = xp.where(mask, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
+        return self.einsum("nhls,nshd->nlhd", self.softmax(scores, -1), v)
+
+    def scan(self, fn, carry, xs):
+        """``fn(carry, x) -> (carry, y)`` over the leading axis of ``xs``; returns (carry, stacked ys). A
+        Python loop here; jax compiles it as one ``lax.scan`` whatever the length."""
+        ys = []
+        for t in range(xs.shape[0]):
+            carry, y = fn(carry, xs[t])
+            ys.append(y)
+        return carry, self.xp.stack(ys)
+
     def stop_gradient(self, x):
         """``x`` cut off from autodiff (no-op where there is none)."""
         return x

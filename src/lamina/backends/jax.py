@@ -243,6 +243,12 @@ class JaxBackend(Backend):
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
+    def scan(self, fn, carry, xs):
+        return jax.lax.scan(fn, carry, xs)
+
+    def attention(self, q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
     def fold_key(self, key, i):
         return jax.random.fold_in(key, i)
 

@@ -228,6 +228,10 @@ class TorchBackend(Backend):
     def stop_gradient(self, x):
         return x.detach()
 
+    def attention(self, q, k, v, mask):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
+
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         if not training:
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps), \

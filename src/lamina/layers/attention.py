@@ -1,0 +1,68 @@
+"""Multi-head attention."""
+
+from __future__ import annotations
+
+import math
+
+from .. import init as _init
+from ..errors import ShapeError
+from ..module import Module
+from ..parameter import Parameter
+
+
+class MultiHeadAttention(Module):
+    """Multi-head scaled dot-product attention, batch first: query (N, Lq, E), key and value (N, Lk, E)
+    (default: the query, i.e. self-attention) -> (N, Lq, E).
+
+    ``forward(query, key=None, value=None, key_padding_mask=None, causal=False)``: ``key_padding_mask``
+    (N, Lk) is True where a key is padding (torch's convention); ``causal=True`` lets position i attend
+    only positions <= i. Parameters as ``torch.nn.MultiheadAttention``: ``in_proj_weight`` (3E, E)
+    Glorot uniform and ``in_proj_bias`` (3E,) zeros (query, key, value projections stacked, rows are
+    outputs), ``out_proj_weight`` (E, E) and ``out_proj_bias`` (E,) zeros. The attention itself is
+    ``torch.nn.functional.scaled_dot_product_attention`` / ``jax.nn.dot_product_attention``.
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.set_backend("numpy"); lm.MultiHeadAttention(8, 2)(np.zeros((2, 5, 8), "float32")).shape
+    <lamina backend 'numpy'>
+    (2, 5, 8)
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True):
+        super().__init__()
+        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"MultiHeadAttention: embed_dim={embed_dim!r} must be a multiple of num_heads={num_heads!r}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        e = embed_dim
+        self.in_proj_weight = Parameter((3 * e, e), init=_init.xavier_uniform())
+        self.out_proj_weight = Parameter((e, e), init=_init.kaiming_uniform(math.sqrt(5), nonlinearity="leaky_relu"))
+        self.in_proj_bias = Parameter((3 * e,), init=_init.zeros()) if bias else None
+        self.out_proj_bias = Parameter((e,), init=_init.zeros()) if bias else None
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, causal: bool = False):
+        key = query if key is None else key
+        value = key if value is None else value
+        if key_padding_mask is not None:
+            key_padding_mask = self._convert_inputs((key_padding_mask,))[0]
+        b, xp = self._backend, self._backend.xp
+        e, h = self.embed_dim, self.num_heads
+        w, bias = self.in_proj_weight, self.in_proj_bias
+
+        def project(x, i):
+            y = x @ xp.permute_dims(w[i * e:(i + 1) * e], (1, 0))
+            y = y if bias is None else y + bias[i * e:(i + 1) * e]
+            return xp.reshape(y, (x.shape[0], x.shape[1], h, e // h))
+
+        q, k, v = project(query, 0), project(key, 1), project(value, 2)
+        mask = b.attention_mask(key_padding_mask, causal, q.shape[0], q.shape[1], k.shape[1])
+        out = xp.reshape(b.attention(q, k, v, mask), (query.shape[0], query.shape[1], e))
+        out = out @ xp.permute_dims(self.out_proj_weight, (1, 0))
+        return out if self.out_proj_bias is None else out + self.out_proj_bias
+
+    def _diagnose(self, args):
+        shape = tuple(getattr(args[0], "shape", ())) if args else ()
+        if len(shape) != 3 or shape[-1] != self.embed_dim:
+            return ShapeError(self, f"expects (N, L, {self.embed_dim}) inputs, got shape {shape}")
+        return super()._diagnose(args)
+
+    def extra_repr(self):
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
