@@ -193,7 +193,8 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             layer.to(backend=other)
             yo = _host(layer, layer(x))
             if not _same(yo, y, rtol, atol):
-                diffs = [f"{np.abs(u - v).max():.3g}" if u.shape == v.shape else f"shape {u.shape}" for u, v in zip(yo, y)]
+                diffs = [f"{np.abs(u - v).max():.3g}" if u.shape == v.shape else f"shape {u.shape}"
+                         for u, v in zip(yo, y)]
                 fail("backends", f"{other} differs from {home} by {', '.join(diffs)}")
             else:
                 agreed.append(other)

@@ -30,7 +30,8 @@ class MultiHeadAttention(Module):
     def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True):
         super().__init__()
         if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"MultiHeadAttention: embed_dim={embed_dim!r} must be a multiple of num_heads={num_heads!r}")
+            raise ValueError(f"MultiHeadAttention: embed_dim={embed_dim!r} must be a multiple of "
+                             f"num_heads={num_heads!r}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         e = embed_dim
         self.in_proj_weight = Parameter((3 * e, e), init=_init.xavier_uniform())
