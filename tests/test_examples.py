@@ -38,3 +38,15 @@ def test_train_digits_reaches_95_percent_and_serves_on_numpy(backend, tmp_path):
     assert f"test accuracy {accuracy:.4f}" in served and f"identical to {backend}'s: True" in served
     assert (tmp_path / "digits.safetensors").stat().st_size > 0
     assert (tmp_path / "digits_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_cnn_digits_reaches_97_percent(backend, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "cnn_digits.py"), "--backend", backend,
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
+    accuracy = float(lines[f"test accuracy on {backend}"].split()[4])
+    assert accuracy >= 0.97
+    assert f"test accuracy {accuracy:.4f}" in lines["reloaded on numpy"]
+    assert (tmp_path / "cnn_digits_loss.png").read_bytes()[:4] == b"\x89PNG"
