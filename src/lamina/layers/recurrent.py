@@ -1,9 +1,11 @@
 """Recurrent layers: RNN, GRU and LSTM, batch-first and multi-layer.
 
 Parameter names, layouts and gate orders are torch's (``weight_ih_l0`` (gates * H, in), ``weight_hh_l0``,
-``bias_ih_l0``, ``bias_hh_l0``, ...), so a ``torch.nn`` state dict maps one to one. The input projection of
-every time step is one matmul; the recurrence runs through the backend's ``scan``, which is
-``jax.lax.scan`` under jax, so a compiled step does not grow with the sequence length.
+``bias_ih_l0``, ``bias_hh_l0``, ...), so a ``torch.nn`` state dict maps one to one. Where the backend has a
+fused kernel (torch: ``torch.lstm`` & co., what ``torch.nn.LSTM`` runs) the whole stack is one call;
+elsewhere the input projection of every time step is one matmul and the recurrence runs through the
+backend's ``scan``, which is ``jax.lax.scan`` under jax, so a compiled step does not grow with the
+sequence length.
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ class _Recurrent(Module):
             x = xp.permute_dims(ys, (1, 0, 2))
         return x, finals
 
+    def _fused(self, kind: str, x, state):
+        """The backend's native kernel for the whole stack, or None (then the cell runs through scan)."""
+        weights = []
+        for k in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self._layer(k)
+            weights += [w_ih, w_hh] + ([b_ih, b_hh] if self.bias else [])
+        return self._backend.fused_recurrent(kind, x, state, weights, self.num_layers, self.bias)
+
+    def _zero_state(self, x):
+        return self._backend.xp.zeros((self.num_layers, x.shape[0], self.hidden_size), dtype=x.dtype)
+
     def _zeros(self, x):
         return self._backend.xp.zeros((x.shape[0], self.hidden_size), dtype=x.dtype)
 
@@ -104,6 +117,9 @@ class RNN(_Recurrent):
 
     def forward(self, x, h0=None):
         b = self._backend
+        fused = self._fused(f"rnn_{self.nonlinearity}", x, self._zero_state(x) if h0 is None else h0)
+        if fused is not None:
+            return fused
         act = b.tanh if self.nonlinearity == "tanh" else b.relu
 
         def cell(h, p_t, w_hh_t, b_hh):
@@ -125,6 +141,9 @@ class GRU(_Recurrent):
 
     def forward(self, x, h0=None):
         b = self._backend
+        fused = self._fused("gru", x, self._zero_state(x) if h0 is None else h0)
+        if fused is not None:
+            return fused
         H = self.hidden_size
 
         def cell(h, p_t, w_hh_t, b_hh):
@@ -153,6 +172,9 @@ class LSTM(_Recurrent):
         H = self.hidden_size
         if state is not None:
             state = self._convert_inputs(tuple(state))  # (h0, c0) may come as NumPy arrays
+        fused = self._fused("lstm", x, (self._zero_state(x), self._zero_state(x)) if state is None else state)
+        if fused is not None:
+            return fused
 
         def cell(carry, p_t, w_hh_t, b_hh):
             h, c = carry
