@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _timing import interleaved  # noqa: E402
+
 import lamina as lm  # noqa: E402
 
 CASES = {
@@ -33,19 +33,6 @@ CASES = {
 
 def first(y):
     return y[0] if isinstance(y, tuple) else y
-
-
-def timed(cands, rounds, number):
-    for fn in cands.values():
-        fn()
-    samples = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, fn in cands.items():
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples[k].append((time.perf_counter() - t0) / number)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def torch_reference(name, layer):
@@ -83,7 +70,7 @@ def bench_torch(name, rounds):
     def run_ref():
         ref(x).sum().backward()
 
-    t = timed({"lamina": run_lamina, "torch.nn": run_ref}, rounds, 3)
+    t = interleaved({"lamina": run_lamina, "torch.nn": run_ref}, number=3, rounds=rounds, warmup=1)
     return title, t
 
 
@@ -132,8 +119,8 @@ def bench_jax(name, rounds):
     params = layer.state_dict()
     ours = jax.jit(jax.grad(lambda p, v: first(lm.functional_call(layer, p, v)).sum()))
     ref = jax_reference(name, params)
-    t = timed({"lamina": lambda: jax.block_until_ready(ours(params, x)),
-               "jax.jit": lambda: jax.block_until_ready(ref(params, x))}, rounds, 3)
+    t = interleaved({"lamina": lambda: jax.block_until_ready(ours(params, x)),
+                     "jax.jit": lambda: jax.block_until_ready(ref(params, x))}, number=3, rounds=rounds, warmup=1)
     return title, t
 
 

@@ -134,10 +134,7 @@ class Module:
             try:
                 return self.forward(x)
             except Exception as e:
-                new = _explain(self, e, (x,))
-                if new is e:
-                    raise
-                raise new from e
+                _reraise(self, e, (x,))
         args = args if x is _NO_INPUT else (x, *args)
         if passthrough is None:
             return self._first_call(args, kwargs)
@@ -148,10 +145,7 @@ class Module:
         try:
             return self.forward(*args, **kwargs)
         except Exception as e:
-            new = _explain(self, e, args)
-            if new is e:
-                raise
-            raise new from e
+            _reraise(self, e, args)
 
     def _call_one(self, x):
         """``__call__`` for layers whose ``forward`` takes exactly one input (chosen per class)."""
@@ -160,10 +154,7 @@ class Module:
             try:
                 return self.forward(x)
             except Exception as e:
-                new = _explain(self, e, (x,))
-                if new is e:
-                    raise
-                raise new from e
+                _reraise(self, e, (x,))
         return Module.__call__(self, x)
 
     def _first_call(self, args, kwargs):
@@ -173,18 +164,12 @@ class Module:
                 self._run_build([tuple(a.shape) for a in args if hasattr(a, "shape")])
             self._draw_parameters()
         except Exception as e:
-            new = _explain(self, e, args, diagnose=False)
-            if new is e:
-                raise
-            raise new from e
+            _reraise(self, e, args, diagnose=False)
         self.__dict__["_pass"] = self._backend.native_types
         try:
             return self.forward(*args, **kwargs)
         except Exception as e:
-            new = _explain(self, e, args)
-            if new is e:
-                raise
-            raise new from e
+            _reraise(self, e, args)
 
     def _convert_inputs(self, args) -> tuple:
         """Native arrays pass; NumPy arrays and lists become arrays of this module's backend (floating
@@ -734,6 +719,15 @@ def _holds_modules(value) -> bool:
 def _describe(args) -> str:
     shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
     return "input shapes " + ", ".join(str(s) for s in shapes) if shapes else "no inputs"
+
+
+def _reraise(module: Module, exc: Exception, args, diagnose: bool = True):
+    """Raise ``exc`` again, explained (see ``_explain``): the same exception with the layer path, or a
+    clearer one chained to it. Only ever called after a failure, so the call path pays nothing for it."""
+    new = _explain(module, exc, args, diagnose)
+    if new is exc:
+        raise exc
+    raise new from exc
 
 
 def _explain(module: Module, exc: Exception, args, diagnose: bool = True) -> Exception:
