@@ -19,8 +19,6 @@ import numpy as np
 from . import init as _init
 from .errors import ShapeError, UninitializedParameterError
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
 
 def _as_shape(shape) -> tuple:
     if shape is None:

@@ -18,9 +18,6 @@ from ..errors import BackendError, DeviceError
 # Python values that pass through a layer call untouched, next to the backend's own array types.
 PASSTHROUGH_TYPES = (int, float, bool, complex, str, type(None), slice, type(Ellipsis))
 
-DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
-          "complex64", "complex128")
-
 
 class Backend:
     """One array library seen through Lamina's eyes. Subclasses: numpy, torch, jax."""
@@ -129,13 +126,16 @@ class Backend:
 
     def optimizer(self, kind: str, hyper: dict):
         """This backend's implementation of an optimizer (see ``lamina.optim``)."""
-        raise BackendError(f"the {self.name} backend cannot train (it has no automatic differentiation); "
-                           "train on torch or jax and load the weights here")
+        raise self._cannot_train()
 
     def train_step(self, model, loss_fn, optimizer, compile: bool | None, outputs: bool = True):
         """A function ``step(x, y, lr) -> (loss, outputs)`` that does one forward, backward and update
         (``outputs=False``: the outputs are not kept, and ``None`` is returned in their place)."""
-        return self.optimizer(optimizer.kind, {})
+        raise self._cannot_train()
+
+    def _cannot_train(self) -> BackendError:
+        return BackendError(f"the {self.name} backend cannot train (it has no automatic differentiation); "
+                            "train on torch or jax and load the weights here")
 
     # ----- ops: generic Array-API versions; backends override the hot ones --------------------------
     def relu(self, x):
