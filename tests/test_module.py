@@ -195,3 +195,36 @@ def test_reassigning_an_attribute_replaces_the_child(backend):
     assert [tuple(p.shape) for p in m.parameters()] == [(4, 2), (2,)]
     m.layer = None
     assert list(m.parameters()) == []
+
+
+def test_deepcopy_gives_an_independent_model_with_the_same_ties(backend):
+    import copy
+
+    shared = lm.Linear(4, 4)
+    net = lm.Sequential(lm.Linear(3, 4), shared, lm.ReLU(), shared, lm.BatchNorm1d())
+    x = rand(5, 3)
+    y = to_np(net(x))
+    clone = copy.deepcopy(net)
+    assert clone[1] is clone[3] and clone[1] is not shared
+    assert clone.get_parameter("3.weight") is clone.get_parameter("1.weight")
+    np.testing.assert_array_equal(to_np(clone(x)), y)
+    clone[1].weight = np.zeros((4, 4), np.float32)  # changing the copy leaves the original alone
+    assert np.abs(to_np(net[1].weight)).sum() > 0
+    np.testing.assert_array_equal(to_np(clone[3].weight), 0)
+    assert lm.backend_of(clone[0].weight).name == backend
+    assert [n for n, _ in clone.named_parameters()] == [n for n, _ in net.named_parameters()]
+    if backend == "torch":
+        assert clone[0].weight.requires_grad
+
+
+def test_training_a_deepcopy_leaves_the_original_usable(grad_backend):
+    import copy
+
+    net = lm.Sequential(lm.Linear(3, 4), lm.ReLU(), lm.Linear(2))
+    x = rand(8, 3)
+    y = to_np(net(x))
+    clone = copy.deepcopy(net)
+    lm.fit(clone, lm.losses.mse, lm.optim.Adam(clone, lr=0.1), (x, np.zeros((8, 2), np.float32)), epochs=3,
+           batch_size=4, progress=False)
+    np.testing.assert_array_equal(to_np(net(x)), y)  # the original's arrays were neither changed nor donated
+    assert not np.allclose(to_np(clone(x)), y)

@@ -641,6 +641,34 @@ class Module:
             p.initialize(how)
         return self
 
+    # ----- copying -----------------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        """An independent copy: the same structure and ties, its own parameter values (torch keeps
+        ``requires_grad``), no link to the original. Caches and compiled train steps are not copied."""
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        d = new.__dict__
+        for k, v in self.__dict__.items():
+            if k == "_parents":
+                d[k] = []
+            elif k in ("_cache", "_train_steps"):
+                continue
+            elif k == "_backend":
+                d[k] = v
+            else:
+                d[k] = copy.deepcopy(v, memo)
+        d["_cache"] = None
+        for name, p in d["_params"].items():
+            p._owners.append((weakref.ref(new), name))
+            if p._value is not None:
+                d[name] = p._value  # the raw value the module shows is the copied parameter's value
+        for name, child in d["_modules"].items():
+            child._parents.append((weakref.ref(new), name))
+        _STRUCTURE[0] += 1
+        return new
+
     # ----- backends and devices ----------------------------------------------------------------------
     @property
     def backend(self) -> str:

@@ -267,6 +267,22 @@ class Parameter:
             new = b.copy(new)
         self._set_value(new)
 
+    def __deepcopy__(self, memo):
+        """A parameter with its own copy of the value; it belongs to no module until one registers it
+        (``Module.__deepcopy__`` does, so a copied model's ties are kept and point at the copy)."""
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k == "_owners":
+                new.__dict__[k] = []
+            elif k in ("_backend", "init"):
+                new.__dict__[k] = v
+            else:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
     def __repr__(self) -> str:
         kind = type(self).__name__
         frozen = "" if self.trainable or self._is_buffer else ", trainable=False"

@@ -310,6 +310,9 @@ class Backend:
     def __repr__(self) -> str:
         return f"<lamina backend {self.name!r}>"
 
+    def __deepcopy__(self, memo):
+        return self  # one adapter per backend, shared by every copy of every model
+
 
 def normalise_device(device) -> str:
     """Lamina's device names: ``"cpu"``, ``"cuda:0"``, ... (``"cuda"`` means ``"cuda:0"``)."""
