@@ -145,3 +145,20 @@ def test_batchnorm_checkpoints_cross_backends(src, dst, tmp_path):
     lm.load_into(clone, tmp_path / "bn.safetensors")
     np.testing.assert_allclose(to_np(clone.eval()(x)), y, rtol=1e-5, atol=1e-5)
     assert int(to_np(clone[1].num_batches_tracked)) == 2
+
+
+def test_a_tracer_is_never_stored_in_a_buffer():
+    if "jax" not in lm.available_backends():
+        pytest.skip("jax not installed")
+    import jax
+
+    lm.set_backend("jax")
+    bn = lm.BatchNorm1d()
+    x = batches((4, 3), 1)[0]
+    bn(x)
+    with pytest.raises(lm.ModuleError, match="traced value.*lm.functional_call"):
+        jax.jit(lambda v: bn(v))(x)  # training mode: forward assigns the running statistics
+    assert type(bn.running_mean).__name__ == "ArrayImpl"
+    params = bn.state_dict()
+    out, new = jax.jit(lambda p, v: lm.functional_call(bn, p, v, return_buffers=True))(params, x)
+    assert set(new) == {"running_mean", "running_var", "num_batches_tracked"}

@@ -248,6 +248,12 @@ class Parameter:
 
         b = self.backend
         other = backend_of(new)
+        if other is b and b.is_traced(new):
+            from .errors import ModuleError
+
+            raise ModuleError(f"'{self.name}' was assigned a traced value (the layer ran inside jax.jit or "
+                              "jax.grad without lm.functional_call); call the model through "
+                              "lm.functional_call(model, params, x, return_buffers=True) to get updated buffers")
         if other is None:
             new, fresh = b.from_numpy(np.asarray(new, dtype=_np_dtype(self.dtype)), self._device), True
         elif other is not b:

@@ -39,6 +39,10 @@ class Backend:
         """The backend's dtype object for a dtype name such as ``"float32"``."""
         raise NotImplementedError
 
+    def is_traced(self, x) -> bool:
+        """True for a value that exists only while a function is being traced (a jax tracer)."""
+        return False
+
     def canonical_dtype(self, name: str) -> str:
         """The dtype an array declared as ``name`` actually gets on this backend."""
         return name

@@ -45,6 +45,9 @@ class JaxBackend(Backend):
     def dtype_name(self, x):
         return str(x.dtype)
 
+    def is_traced(self, x):
+        return isinstance(x, jax.core.Tracer)
+
     def canonical_dtype(self, name):
         # without jax_enable_x64, 64-bit types are stored as 32-bit ones
         return str(jax.dtypes.canonicalize_dtype(jnp.dtype(name))) if name != "bfloat16" else name
