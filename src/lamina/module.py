@@ -37,6 +37,30 @@ _PURE_FRAMES: list[dict] = []
 _STRUCTURE = [0]
 
 
+class _ParamSlot:
+    """Class attribute standing in for a parameter whose value is not in the instance ``__dict__`` yet.
+
+    Reading ``module.weight`` normally finds the raw array in the instance ``__dict__``. Only when it is
+    not there (values not drawn yet, or a parameter whose shape is still unknown) does Python fall back
+    to this descriptor, which draws the values or explains why it cannot. This replaces a ``__getattr__``
+    hook, whose mere presence doubles the cost of every attribute read in ``forward`` (measured: 70 ns
+    against 34 ns for two reads on CPython 3.11), because it keeps CPython from specializing them.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        p = (obj.__dict__.get("_params") or {}).get(self.name)
+        if p is None:
+            raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
+        return p.value
+
+
 class _Index:
     """A module tree flattened once: deduplicated parameters, buffers and modules with their paths."""
 
@@ -91,6 +115,7 @@ class Module:
     # A subclass's build(self, input_shape) is stored here and ``build`` becomes the public method.
     _build_hook = None
     _build_hook_arity = 1
+    _pass = None  # until the first call (and for a module whose __init__ forgot super().__init__())
 
     def __init__(self):
         d = self.__dict__
@@ -158,6 +183,9 @@ class Module:
         return Module.__call__(self, x)
 
     def _first_call(self, args, kwargs):
+        if "_params" not in self.__dict__:
+            raise ModuleError(f"{type(self).__name__} was not initialized: its __init__ must call "
+                              "super().__init__() first")
         try:
             args = self._convert_inputs(args)
             if not self._built:
@@ -358,20 +386,6 @@ class Module:
             if m is not None:
                 m.__dict__[owner_name] = value
 
-    def __getattr__(self, name: str):
-        # Only reached when normal lookup fails: an unregistered name, or a parameter with no value yet.
-        d = self.__dict__
-        params = d.get("_params")
-        if params is None:
-            if name.startswith("__"):
-                raise AttributeError(name)
-            raise ModuleError(f"{type(self).__name__} was not initialized: its __init__ must call "
-                              "super().__init__() first")
-        p = params.get(name)
-        if p is not None:
-            return p.value
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def __delattr__(self, name: str) -> None:
         if name in self._params or name in self._modules:
             self._unregister(name)
@@ -386,6 +400,9 @@ class Module:
                                f"shared with {type(self).__name__} on the {self._backend.name} backend")
         if not p.name:
             p.name = name
+        cls = type(self)
+        if not isinstance(getattr(cls, name, None), _ParamSlot) and not hasattr(cls, name):
+            setattr(cls, name, _ParamSlot(name))
         p._owners.append((weakref.ref(self), name))
         self._params[name] = p
         if p._value is not None:
