@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["next_key", "key_scope", "next_seed"]
+__all__ = ["next_key", "key_scope", "next_seed", "next_seeds"]
 
 _host = {"rng": np.random.default_rng(secrets.randbits(63))}
 _scopes: list[list] = []  # [key, draws so far] per open scope
@@ -29,6 +29,11 @@ def next_seed() -> int:
     return int(_host["rng"].integers(0, 2**31 - 1))
 
 
+def next_seeds(n: int) -> np.ndarray:
+    """``n`` fresh seeds in one draw (uint32)."""
+    return _host["rng"].integers(0, 2**31 - 1, size=n).astype(np.uint32)
+
+
 def next_key(backend):
     """The key for one random draw: derived from the innermost ``key_scope``, else a host seed."""
     if _scopes:
@@ -40,9 +45,11 @@ def next_key(backend):
 
 @contextmanager
 def key_scope(key):
-    """Random layers called inside draw their keys from ``key`` (a backend key or an int seed)."""
-    _scopes.append([key, 0])
+    """Random layers called inside draw their keys from ``key`` (a backend key or an int seed). Yields a
+    list whose second item counts the draws, so a tracer can tell whether the key was used at all."""
+    scope = [key, 0]
+    _scopes.append(scope)
     try:
-        yield
+        yield scope
     finally:
         _scopes.pop()

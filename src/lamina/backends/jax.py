@@ -109,8 +109,10 @@ class JaxBackend(Backend):
         def pure(params, bufs, consts, state, x, y, scalars, seed):
             def f(ps):
                 swap = {**consts, **bufs, **{names_to_paths[k]: v for k, v in ps.items()}}
-                with _swapped(model, swap) as writes, random.key_scope(jax.random.key(seed)):
+                with _swapped(model, swap) as writes, random.key_scope(jax.random.key(seed)) as scope:
                     out = model(x)
+                if scope[1]:  # seen while tracing: this model draws random numbers, it needs a new seed per step
+                    uses_keys[0] = True
                 return loss_fn(out, y), (out, dict(writes))
 
             (loss, (out, writes)), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -130,6 +132,15 @@ class JaxBackend(Backend):
         run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3))
         names_to_paths: dict = {}
         cache: dict = {}
+        uses_keys = [None]  # None until the first trace tells whether any layer draws random numbers
+        fixed = {None: jnp.zeros((), jnp.uint32)}  # for models without randomness: no host draw, no transfer
+
+        def seeds(n=None):
+            if uses_keys[0] is False:
+                if n not in fixed:
+                    fixed[n] = jnp.zeros((n,), jnp.uint32)
+                return fixed[n]
+            return np.uint32(random.next_seed()) if n is None else random.next_seeds(n)
 
         def layout():
             """Names, parameters, buffers and constants, recomputed only when the model's structure changed
@@ -165,7 +176,9 @@ class JaxBackend(Backend):
         def step(x, y, lr):
             entries, buf_entries, params, bufs, consts = arguments()
             params, bufs, engine.state, loss, out = run(params, bufs, consts, engine.state, x, y,
-                                                        engine.scalars(lr), np.uint32(random.next_seed()))
+                                                        engine.scalars(lr), seeds())
+            if uses_keys[0] is None:
+                uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
             engine.count += 1
             show(entries, params)
             show(buf_entries, bufs)
@@ -175,8 +188,10 @@ class JaxBackend(Backend):
             """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
             entries, buf_entries, params, bufs, consts = arguments()
             table = np.stack([engine.scalars(lr, i) for i, lr in enumerate(lrs)])
-            seeds = np.array([random.next_seed() for _ in lrs], np.uint32)
-            params, bufs, engine.state, losses = run_many(params, bufs, consts, engine.state, xs, ys, table, seeds)
+            params, bufs, engine.state, losses = run_many(params, bufs, consts, engine.state, xs, ys, table,
+                                                          seeds(len(lrs)))
+            if uses_keys[0] is None:
+                uses_keys[0] = False
             engine.count += len(lrs)
             show(entries, params)
             show(buf_entries, bufs)
