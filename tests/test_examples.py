@@ -26,13 +26,19 @@ def test_custom_layers_walkthrough(backend):
         assert "d loss / d 0.weight" in text
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
-def test_train_digits_reaches_95_percent_and_serves_on_numpy(backend, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_digits.py"), "--backend", backend,
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+def run_training_example(script, backend, out_dir):
+    """Run an example; return its output lines keyed by their text before the first colon, and the test
+    accuracy it reports for ``backend``."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--backend", backend, "--out",
+                          str(out_dir)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
-    accuracy = float(lines[f"test accuracy on {backend}"].split()[4])
+    return lines, float(lines[f"test accuracy on {backend}"].split()[4])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_train_digits_reaches_95_percent_and_serves_on_numpy(backend, tmp_path):
+    lines, accuracy = run_training_example("train_digits.py", backend, tmp_path)
     assert accuracy >= 0.95
     served = lines["reloaded on numpy"]
     assert f"test accuracy {accuracy:.4f}" in served and f"identical to {backend}'s: True" in served
@@ -42,11 +48,7 @@ def test_train_digits_reaches_95_percent_and_serves_on_numpy(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
 def test_cnn_digits_reaches_97_percent(backend, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "cnn_digits.py"), "--backend", backend,
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
-    accuracy = float(lines[f"test accuracy on {backend}"].split()[4])
+    lines, accuracy = run_training_example("cnn_digits.py", backend, tmp_path)
     assert accuracy >= 0.97
     assert f"test accuracy {accuracy:.4f}" in lines["reloaded on numpy"]
     assert (tmp_path / "cnn_digits_loss.png").read_bytes()[:4] == b"\x89PNG"
