@@ -456,6 +456,7 @@ class Module:
         return iter([(k, p) for k, p in self._index().entries if p._is_buffer])
 
     def buffers(self):
+        """Every ``Buffer`` in the tree, each shared one once."""
         return iter([p for _, p in self._index().entries if p._is_buffer])
 
     def named_modules(self):
@@ -463,9 +464,11 @@ class Module:
         return iter(list(self._index().modules))
 
     def modules(self):
+        """This module and every descendant, each once (pre-order)."""
         return iter([m for _, m in self._index().modules])
 
     def named_children(self):
+        """``(name, Module)`` of the direct children, each shared one once."""
         seen: set[int] = set()
         out = []
         for name, m in self._modules.items():
@@ -475,6 +478,7 @@ class Module:
         return iter(out)
 
     def children(self):
+        """The direct children, each shared one once."""
         return iter([m for _, m in self.named_children()])
 
     def get_parameter(self, path: str) -> Parameter:
@@ -607,6 +611,7 @@ class Module:
         return self
 
     def eval(self) -> Module:
+        """Evaluation mode for this module and all descendants (``train(False)``)."""
         return self.train(False)
 
     def apply(self, fn) -> Module:

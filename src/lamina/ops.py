@@ -43,6 +43,7 @@ def sigmoid(x):
 
 
 def tanh(x):
+    """Hyperbolic tangent, elementwise."""
     return _backend(x).tanh(x)
 
 

@@ -94,14 +94,17 @@ class Parameter:
 
     @property
     def ndim(self) -> int:
+        """The number of axes."""
         return len(self.shape)
 
     @property
     def size(self) -> int | None:
+        """The number of elements (None while the shape is unknown)."""
         return math.prod(self.shape) if self.is_built else None
 
     @property
     def nbytes(self) -> int | None:
+        """The size of the value in bytes (None while the shape is unknown)."""
         if not self.is_built:
             return None
         itemsize = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
@@ -162,12 +165,14 @@ class Parameter:
 
     @property
     def backend(self):
+        """The backend adapter the value lives on."""
         from .backends import get_backend
 
         return self._backend or get_backend()
 
     @property
     def device(self) -> str | None:
+        """The device of the value (None before it is drawn)."""
         return None if self._value is None else self.backend.device_of(self._value)
 
     def initialize(self, init=None) -> Parameter:

@@ -122,6 +122,7 @@ class History:
         self.epochs: list[int] = []
 
     def record(self, epoch: int, logs: dict) -> None:
+        """Append one epoch's figures."""
         self.epochs.append(epoch)
         for k, v in logs.items():
             self.history.setdefault(k, []).append(v)
@@ -162,11 +163,20 @@ class Callback:
 
     trainer = None
 
-    def on_train_begin(self, logs: dict) -> None: ...
-    def on_epoch_begin(self, epoch: int, logs: dict) -> None: ...
-    def on_batch_end(self, batch: int, logs: dict) -> None: ...
-    def on_epoch_end(self, epoch: int, logs: dict) -> None: ...
-    def on_train_end(self, logs: dict) -> None: ...
+    def on_train_begin(self, logs: dict) -> None:
+        """Before the first epoch."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict) -> None:
+        """Before each epoch (counted from 0)."""
+
+    def on_batch_end(self, batch: int, logs: dict) -> None:
+        """After each training step, with that batch's ``loss`` (and metrics)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        """After each epoch, with its mean figures (``val_*`` included)."""
+
+    def on_train_end(self, logs: dict) -> None:
+        """After the last epoch, with the whole history."""
 
 
 class EarlyStopping(Callback):
@@ -182,6 +192,7 @@ class EarlyStopping(Callback):
         self.best, self.wait, self.best_epoch, self._best_values = None, 0, None, None
 
     def on_epoch_end(self, epoch, logs):
+        """Track the best value; ask to stop after ``patience`` epochs without improvement."""
         if self.monitor not in logs:
             raise KeyError(f"EarlyStopping monitors {self.monitor!r} but the epoch logs have {sorted(logs)}")
         value = logs[self.monitor] * (1 if self.mode == "min" else -1)
@@ -196,6 +207,7 @@ class EarlyStopping(Callback):
                 self.trainer.stop = True
 
     def on_train_end(self, logs):
+        """Give the model back the values of its best epoch (``restore_best``)."""
         if self.restore_best and self._best_values is not None and self.best_epoch != self.trainer.epoch:
             self.trainer.model.load_state_dict(self._best_values)
 
@@ -213,6 +225,7 @@ class Checkpoint(Callback):
         self.saved: list[str] = []
 
     def on_epoch_end(self, epoch, logs):
+        """Save the model and the optimizer state (unless ``save_best_only`` and no improvement)."""
         from .checkpoint import save
 
         if self.save_best_only:

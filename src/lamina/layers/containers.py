@@ -26,6 +26,7 @@ class ModuleList(Module):
         self.extend(layers)
 
     def append(self, layer: Module) -> ModuleList:
+        """Add a layer at the end (registered under the next index)."""
         if not isinstance(layer, Module):
             raise TypeError(f"{type(self).__name__} holds layers (lm.Module), got {type(layer).__name__}")
         self._register_module(str(len(self._seq)), layer)
@@ -33,6 +34,7 @@ class ModuleList(Module):
         return self
 
     def extend(self, layers) -> ModuleList:
+        """Append each of ``layers``."""
         for layer in layers:
             self.append(layer)
         return self
@@ -113,12 +115,15 @@ class ModuleDict(Module):
         return iter(self._modules)
 
     def keys(self):
+        """The layer names."""
         return self._modules.keys()
 
     def values(self):
+        """The layers."""
         return self._modules.values()
 
     def items(self):
+        """``(name, layer)`` pairs."""
         return self._modules.items()
 
     def forward(self, *args):
