@@ -228,3 +228,19 @@ def test_training_a_deepcopy_leaves_the_original_usable(grad_backend):
            batch_size=4, progress=False)
     np.testing.assert_array_equal(to_np(net(x)), y)  # the original's arrays were neither changed nor donated
     assert not np.allclose(to_np(clone(x)), y)
+
+
+def test_a_users_own_call_is_kept_in_subclasses(backend):
+    class Logged(lm.Module):
+        calls = []
+
+        def __call__(self, *args, **kwargs):
+            self.calls.append(type(self).__name__)
+            return super().__call__(*args, **kwargs)
+
+    class Doubler(Logged):
+        def forward(self, x):
+            return x * 2
+
+    np.testing.assert_allclose(to_np(Doubler()(np.ones(2, np.float32))), [2, 2])
+    assert Logged.calls == ["Doubler"]

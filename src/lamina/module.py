@@ -134,7 +134,7 @@ class Module:
         super().__init_subclass__(**kwargs)
         # A forward of exactly one input gets a call path without *args/**kwargs packing (~60 ns a call).
         forward = cls.__dict__.get("forward")
-        if forward is not None and "__call__" not in cls.__dict__:
+        if forward is not None and cls.__call__ in (Module.__call__, Module._call_one):  # never a user's own
             params = list(inspect.signature(forward).parameters.values())[1:]
             one = len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY,
                                                           params[0].POSITIONAL_OR_KEYWORD)
