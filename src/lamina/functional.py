@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .module import _PURE_FRAMES, Module
+from . import context
+from .module import Module
 
 __all__ = ["functional_call", "value_and_grad"]
 
@@ -33,7 +34,8 @@ def _swapped(model: Module, params: dict):
         raise KeyError(f"{type(model).__name__} has no parameter {unknown}; its parameters are {list(idx.paths)}")
     touched = []
     frame = {"writes": {}, "written": {}, "paths": {id(p): path for path, p in idx.entries}}
-    _PURE_FRAMES.append(frame)
+    frames = context.pure_frames()
+    frames.append(frame)
     try:
         for path, value in params.items():
             p = idx.paths[path]
@@ -44,7 +46,7 @@ def _swapped(model: Module, params: dict):
                     touched.append((m, name, p))
         yield frame["writes"]
     finally:
-        _PURE_FRAMES.pop()
+        frames.pop()
         for m, name, p in touched:
             m.__dict__[name] = p._value
         for p in frame["written"].values():

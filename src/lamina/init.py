@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 from collections.abc import Callable
 
 import numpy as np
+
+from . import context
 
 __all__ = [
     "Initializer", "zeros", "ones", "constant", "normal", "uniform", "xavier_uniform", "xavier_normal",
@@ -36,9 +37,6 @@ __all__ = [
 ]
 
 InitFn = Callable[[tuple, np.random.Generator], "np.ndarray"]
-
-# The process starts with a random seed (like torch and numpy): without lm.manual_seed, runs differ.
-_seed = {"seed": secrets.randbits(63), "models": 0}
 
 
 def manual_seed(seed: int) -> None:
@@ -49,28 +47,18 @@ def manual_seed(seed: int) -> None:
     """
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    _seed["seed"] = int(seed)
-    _seed["models"] = 0
-    from . import random
-
-    random.reseed(int(seed))  # dropout masks too
+    context.set_seed(int(seed))  # dropout masks too
 
 
-def current_seed() -> int:
-    return _seed["seed"]
-
-
-def next_model_index() -> int:
-    """A number for the next model whose parameters are drawn (so two identical models still differ)."""
-    _seed["models"] += 1
-    return _seed["models"]
+current_seed = context.seed
+next_model_index = context.next_model_index
 
 
 def rng_for(path: str, seed: int | None = None, model_index: int = 0, draw: int = 0) -> np.random.Generator:
     """The random stream of the parameter at ``path`` (``draw`` counts re-initializations)."""
     digest = hashlib.blake2b(path.encode(), digest_size=16).digest()
     words = np.frombuffer(digest, dtype=np.uint32).tolist()
-    s = _seed["seed"] if seed is None else seed
+    s = context.seed() if seed is None else seed
     return np.random.default_rng(np.random.SeedSequence([s & 0xFFFFFFFF, s >> 32, model_index, draw, *words]))
 
 

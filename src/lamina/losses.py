@@ -10,7 +10,7 @@ differentiate.
 
 from __future__ import annotations
 
-from .ops import _backend
+from .ops.nn import _backend
 
 __all__ = ["cross_entropy", "mse", "binary_cross_entropy_with_logits", "accuracy"]
 

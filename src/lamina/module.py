@@ -19,22 +19,17 @@ import weakref
 
 import numpy as np
 
+from . import context
 from . import init as _init
 from .backends import backend_of, get_backend
 from .errors import BackendError, DeviceError, LayerError, ModuleError, UninitializedParameterError
 from .parameter import Parameter, _fmt_shape
+from .statedict import apply_load, plan_load
 
 __all__ = ["Module"]
 
 _NO_INPUT = object()  # marks "called with no positional input"
 
-# One frame per pure call in progress (functional_call, value_and_grad, a compiled train step): buffer values
-# that forward assigns are recorded there, {path: value}, instead of being stored in the Buffer, because
-# inside a pure call they are tracers or values of a computation that the caller owns.
-_PURE_FRAMES: list[dict] = []
-
-# Bumped by every change of any module tree's structure; traversal caches compare against it.
-_STRUCTURE = [0]
 
 
 class _ParamSlot:
@@ -67,7 +62,7 @@ class _Index:
     __slots__ = ("version", "entries", "modules", "paths")
 
     def __init__(self, root: Module):
-        self.version = _STRUCTURE[0]
+        self.version = context.structure_version()
         self.entries: list[tuple[str, Parameter]] = []  # parameters and buffers, first path of each
         self.modules: list[tuple[str, Module]] = []
         self.paths: dict[str, Parameter] = {}  # every path, aliases of tied parameters included
@@ -359,7 +354,7 @@ class Module:
             self._register_module(name, value)
         elif name in params and value is not None:
             if value is not d.get(name):
-                if _PURE_FRAMES:
+                if context.pure_frames():
                     self._record_write(params[name], name, value)
                 else:
                     params[name]._assign(value)
@@ -373,7 +368,7 @@ class Module:
             d[name] = value
 
     def _record_write(self, p: Parameter, name: str, value) -> None:
-        frame = _PURE_FRAMES[-1]
+        frame = context.pure_frames()[-1]
         path = frame["paths"].get(id(p))
         if not p._is_buffer or path is None:
             raise ModuleError(f"{type(self).__name__}.forward assigned {'parameter' if not p._is_buffer else 'buffer'}"
@@ -408,7 +403,7 @@ class Module:
         if p._value is not None:
             self.__dict__[name] = p._value
         self.__dict__["_built"] = self.__dict__["_built"] and p.is_built
-        _STRUCTURE[0] += 1
+        context.bump_structure()
 
     def _register_module(self, name: str, child: Module) -> None:
         if "_params" not in child.__dict__:
@@ -421,7 +416,7 @@ class Module:
         child._parents.append((weakref.ref(self), name))
         self._modules[name] = child
         self.__dict__[name] = child
-        _STRUCTURE[0] += 1
+        context.bump_structure()
 
     def _unregister(self, name: str) -> None:
         d = self.__dict__
@@ -433,12 +428,12 @@ class Module:
             c._parents[:] = [(r, n) for r, n in c._parents if not (r() is self and n == name)]
         if p is not None or c is not None:
             d.pop(name, None)
-            _STRUCTURE[0] += 1
+            context.bump_structure()
 
     # ----- traversal ---------------------------------------------------------------------------------
     def _index(self) -> _Index:
         idx = self.__dict__["_cache"]
-        if idx is None or idx.version != _STRUCTURE[0]:
+        if idx is None or idx.version != context.structure_version():
             idx = _Index(self)
             self.__dict__["_cache"] = idx
         return idx
@@ -507,8 +502,6 @@ class Module:
         dtype; other dtype differences are errors.
         On torch, values are copied into the existing tensors, so optimizers holding them stay valid.
         """
-        from .checkpoint import _apply, _plan
-
         specs = {}
         for k, v in state.items():
             b = backend_of(v)
@@ -517,8 +510,8 @@ class Module:
                 specs[k] = (v.shape, str(v.dtype))
             else:
                 specs[k] = (tuple(v.shape), b.dtype_name(v))
-        plan = _plan(self, specs, {}, allow_missing or not strict, ignore_extra or not strict, "the state dict")
-        _apply(self, plan, state.__getitem__)
+        plan = plan_load(self, specs, {}, allow_missing or not strict, ignore_extra or not strict, "the state dict")
+        apply_load(self, plan, state.__getitem__)
         return self
 
     def predict(self, data, batch_size: int = 256):
@@ -688,7 +681,7 @@ class Module:
                 d[name] = p._value  # the raw value the module shows is the copied parameter's value
         for name, child in d["_modules"].items():
             child._parents.append((weakref.ref(new), name))
-        _STRUCTURE[0] += 1
+        context.bump_structure()
         return new
 
     # ----- backends and devices ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ import weakref
 
 import numpy as np
 
+from . import context
 from . import init as _init
 from .errors import ShapeError, UninitializedParameterError
 
@@ -156,10 +157,8 @@ class Parameter:
 
     @trainable.setter
     def trainable(self, flag: bool) -> None:
-        from .module import _STRUCTURE
-
         self._trainable = bool(flag)
-        _STRUCTURE[0] += 1  # what an optimizer updates has changed: compiled train steps must see it
+        context.bump_structure()  # what an optimizer updates has changed: compiled train steps must see it
         if self._value is not None and not self._is_buffer:
             self.backend.set_trainable(self._value, self._trainable)
 

@@ -8,36 +8,30 @@ from a host stream that ``lm.manual_seed`` resets, so eager runs repeat exactly.
 
 from __future__ import annotations
 
-import secrets
 from contextlib import contextmanager
 
 import numpy as np
 
+from . import context
+
 __all__ = ["next_key", "key_scope", "next_seed", "next_seeds"]
-
-_host = {"rng": np.random.default_rng(secrets.randbits(63))}
-_scopes: list[list] = []  # [key, draws so far] per open scope
-
-
-def reseed(seed: int) -> None:
-    """Restart the host stream (called by ``lm.manual_seed``)."""
-    _host["rng"] = np.random.default_rng([seed, 0x5EED])
 
 
 def next_seed() -> int:
     """A fresh 31-bit seed from the host stream."""
-    return int(_host["rng"].integers(0, 2**31 - 1))
+    return int(context.host_rng().integers(0, 2**31 - 1))
 
 
 def next_seeds(n: int) -> np.ndarray:
     """``n`` fresh seeds in one draw (uint32)."""
-    return _host["rng"].integers(0, 2**31 - 1, size=n).astype(np.uint32)
+    return context.host_rng().integers(0, 2**31 - 1, size=n).astype(np.uint32)
 
 
 def next_key(backend):
     """The key for one random draw: derived from the innermost ``key_scope``, else a host seed."""
-    if _scopes:
-        scope = _scopes[-1]
+    scopes = context.key_scopes()
+    if scopes:
+        scope = scopes[-1]
         scope[1] += 1
         return backend.fold_key(scope[0], scope[1])
     return next_seed()
@@ -48,8 +42,9 @@ def key_scope(key):
     """Random layers called inside draw their keys from ``key`` (a backend key or an int seed). Yields a
     list whose second item counts the draws, so a tracer can tell whether the key was used at all."""
     scope = [key, 0]
-    _scopes.append(scope)
+    scopes = context.key_scopes()
+    scopes.append(scope)
     try:
         yield scope
     finally:
-        _scopes.pop()
+        scopes.pop()

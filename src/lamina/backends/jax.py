@@ -99,10 +99,8 @@ class JaxBackend(Backend):
         """One ``jax.jit`` program per input shape: forward, gradient and optimizer update together, with
         the parameters and optimizer state donated so XLA updates them in place."""
         from .. import random
+        from ..context import structure_version as _structure_version
         from ..functional import _swapped
-        from ..module import _STRUCTURE
-
-        _structure_version = lambda: _STRUCTURE[0]
 
         engine = optimizer.engine(self)
 

@@ -12,8 +12,8 @@ array([0., 2.])
 
 from __future__ import annotations
 
-from .backends import backend_of
-from .errors import BackendError
+from ..backends import backend_of
+from ..errors import BackendError
 
 __all__ = ["relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax", "logsumexp", "einsum",
            "linear", "dropout", "rfft", "conv", "max_pool", "avg_pool", "layer_norm", "rms_norm", "embedding",

@@ -1,0 +1,100 @@
+"""All of Lamina's global state, in one place.
+
+Everything else in the package is either a pure function or state held by an object the user owns
+(a module, a parameter, an optimizer). What cannot be held that way lives here:
+
+======================  ================  =========================================================
+state                   scope             what it is for
+======================  ================  =========================================================
+``seed``, ``models``    process           ``lm.manual_seed``: the seed of new parameters and the
+                                          count of models initialized since (``init.py`` reads it)
+``host_rng``            process           the host stream of fresh seeds for random layers outside
+                                          a compiled step (``random.py``)
+``structure_version``   process           bumped by every change of any module tree's structure or
+                                          of a trainable flag; traversal and train-step caches
+                                          compare against it
+``pure_frames``         thread            one frame per pure call in progress (``functional_call``,
+                                          ``value_and_grad``, a compiled train step): buffer writes
+                                          made by ``forward`` are recorded there
+``key_scopes``          thread            the random key scopes opened by compiled steps
+======================  ================  =========================================================
+
+Thread-local state is what two threads could otherwise see half of: a pure call in one thread must not
+record the buffer writes of a plain call in another, nor a compiled step in one thread draw its dropout
+keys from a scope another thread opened. Process-wide state follows torch and numpy: one seed per process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+
+import numpy as np
+
+__all__ = ["seed", "structure_version", "bump_structure", "pure_frames", "key_scopes"]
+
+# ----- process-wide --------------------------------------------------------------------------------
+_process = {
+    "seed": secrets.randbits(63),  # like torch and numpy: without lm.manual_seed, runs differ
+    "models": 0,
+    "host_rng": np.random.default_rng(secrets.randbits(63)),
+}
+_versions = itertools.count(1)  # next() on a count is atomic under the GIL
+_structure = [0]
+_lock = threading.Lock()
+
+
+def seed() -> int:
+    """The current seed of new parameters (set by ``lm.manual_seed``)."""
+    return _process["seed"]
+
+
+def set_seed(value: int) -> None:
+    """Set the seed, restart the model count and the host stream of random layers."""
+    with _lock:
+        _process["seed"] = int(value)
+        _process["models"] = 0
+        _process["host_rng"] = np.random.default_rng([int(value), 0x5EED])
+
+
+def next_model_index() -> int:
+    """A number for the next model whose parameters are drawn (so two identical models still differ)."""
+    with _lock:
+        _process["models"] += 1
+        return _process["models"]
+
+
+def host_rng() -> np.random.Generator:
+    """The host stream of fresh seeds for random layers (reset by ``lm.manual_seed``)."""
+    return _process["host_rng"]
+
+
+def structure_version() -> int:
+    """A number that changes whenever any module tree's structure (or a trainable flag) changes."""
+    return _structure[0]
+
+
+def bump_structure() -> None:
+    """Record a change of structure: every traversal cache and compiled-step layout is stale now."""
+    _structure[0] = next(_versions)
+
+
+# ----- per thread ----------------------------------------------------------------------------------
+class _Local(threading.local):
+    def __init__(self):
+        self.pure_frames: list[dict] = []
+        self.key_scopes: list[list] = []
+
+
+_local = _Local()
+
+
+def pure_frames() -> list[dict]:
+    """This thread's stack of pure-call frames (``{"writes", "written", "paths"}`` each)."""
+    return _local.pure_frames
+
+
+def key_scopes() -> list[list]:
+    """This thread's stack of random key scopes (``[key, draws so far]`` each)."""
+    return _local.key_scopes
