@@ -32,28 +32,22 @@ def _swapped(model: Module, params: dict):
     unknown = [k for k in params if k not in idx.paths]
     if unknown:
         raise KeyError(f"{type(model).__name__} has no parameter {unknown}; its parameters are {list(idx.paths)}")
-    touched = []
+    shown = []
     frame = {"writes": {}, "written": {}, "paths": {id(p): path for path, p in idx.entries}}
     frames = context.pure_frames()
     frames.append(frame)
     try:
         for path, value in params.items():
             p = idx.paths[path]
-            for ref, name in p._owners:
-                m = ref()
-                if m is not None:
-                    m.__dict__[name] = value
-                    touched.append((m, name, p))
+            p.show(value)
+            shown.append(p)
         yield frame["writes"]
     finally:
         frames.pop()
-        for m, name, p in touched:
-            m.__dict__[name] = p._value
+        for p in shown:
+            p.show()
         for p in frame["written"].values():
-            for ref, name in p._owners:
-                m = ref()
-                if m is not None:
-                    m.__dict__[name] = p._value
+            p.show()
 
 
 def functional_call(model: Module, params: dict, *args, return_buffers: bool = False, **kwargs):

@@ -223,7 +223,7 @@ class Module:
                 out.append(a)
         return tuple(out)
 
-    def _diagnose(self, args) -> Exception | None:
+    def diagnose(self, args) -> Exception | None:
         """After a failure: a clearer error for it, or None. Layers extend it with shape checks."""
         dev = self.device
         for a in args:
@@ -376,10 +376,7 @@ class Module:
                               "only buffers of the model being called may be updated there")
         frame["writes"][path] = value
         frame["written"][id(p)] = p
-        for ref, owner_name in p._owners:  # later reads in this call see the new value
-            m = ref()
-            if m is not None:
-                m.__dict__[owner_name] = value
+        p.show(value)  # later reads in this call see the new value
 
     def __delattr__(self, name: str) -> None:
         if name in self._params or name in self._modules:
@@ -400,8 +397,7 @@ class Module:
             setattr(cls, name, _ParamSlot(name))
         p._owners.append((weakref.ref(self), name))
         self._params[name] = p
-        if p._value is not None:
-            self.__dict__[name] = p._value
+        p.show()
         self.__dict__["_built"] = self.__dict__["_built"] and p.is_built
         context.bump_structure()
 
@@ -677,8 +673,7 @@ class Module:
         d["_cache"] = None
         for name, p in d["_params"].items():
             p._owners.append((weakref.ref(new), name))
-            if p._value is not None:
-                d[name] = p._value  # the raw value the module shows is the copied parameter's value
+            p.show()  # the raw value the module shows is the copied parameter's value
         for name, child in d["_modules"].items():
             child._parents.append((weakref.ref(new), name))
         context.bump_structure()
@@ -783,7 +778,7 @@ def _explain(module: Module, exc: Exception, args, diagnose: bool = True) -> Exc
     if chain is None:
         if diagnose and not isinstance(exc, LayerError | BackendError | DeviceError):
             try:
-                better = module._diagnose(args)
+                better = module.diagnose(args)
             except Exception:  # a diagnosis must never hide the original error
                 better = None
             if better is not None:

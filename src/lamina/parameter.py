@@ -228,18 +228,50 @@ class Parameter:
         self._draws += 1
         self._set_value(self.backend.from_numpy(values.astype(_np_dtype(self.dtype)), self._device))
 
+    # ----- the one keeper of "each owner's __dict__[name] is the current value" ---------------------
+    def set_value(self, array, *, trusted: bool = False) -> None:
+        """Store ``array`` (an array of this parameter's backend, with its shape and dtype) as the value,
+        without converting or copying it, and show it to every module that owns the parameter.
+
+        This is the one way a value is replaced (optimizers, train steps and checkpoint loads use it);
+        ``p.value = x`` is the user-facing form that converts, casts and copies. ``trusted=True`` skips
+        the shape and dtype check, for values that a compiled step computed from this parameter.
+        """
+        if not trusted:
+            b = self.backend
+            if not b.is_native(array):
+                raise TypeError(f"parameter '{self.name}' lives on the {b.name} backend; set_value() takes a "
+                                f"{b.array_name}, got {type(array).__name__} (assign p.value = x to convert)")
+            shape = tuple(array.shape)
+            if self.is_built and shape != self.shape:
+                raise ShapeError(self._owner_module(), f"parameter '{self.name}' has shape {_fmt_shape(self.shape)}; "
+                                 f"cannot set a value of shape {_fmt_shape(shape)}")
+            if b.dtype_name(array) != b.canonical_dtype(self.dtype):
+                raise TypeError(f"parameter '{self.name}' has dtype {self.dtype}; cannot set a value of dtype "
+                                f"{b.dtype_name(array)} (assign p.value = x to cast)")
+        self._set_value(array)
+
+    def show(self, value=None) -> None:
+        """Show ``value`` to the owning modules' ``forward`` in place of the stored value, without storing
+        it (pure calls use it for the arrays they are given); ``show()`` shows the stored value again."""
+        if value is None:
+            value = self._value
+        for ref, name in self._owners:
+            m = ref()
+            if m is not None:
+                if value is None:
+                    m.__dict__.pop(name, None)
+                else:
+                    m.__dict__[name] = value
+
     def _set_value(self, array) -> None:
-        """Store a backend array as the value and show it to every owner module."""
         if not self._is_buffer:
             array = self.backend.make_parameter(array, self.trainable)
         if self._value is not None:
             array = self.backend.assign(self._value, array)
         self._value = array
         self._grad = None
-        for ref, name in self._owners:
-            m = ref()
-            if m is not None:
-                m.__dict__[name] = array
+        self.show()
 
     def _assign(self, new, fresh: bool = False) -> None:
         """Set the value from user data, keeping shape and dtype (values are cast to the dtype).

@@ -159,12 +159,7 @@ class JaxBackend(Backend):
 
         def show(pairs, values):
             for k, p in pairs:  # the new values replace the donated ones everywhere they are shown
-                v = values[k]
-                p._value = v
-                for ref, name in p._owners:
-                    m = ref()
-                    if m is not None:
-                        m.__dict__[name] = v
+                p.set_value(values[k], trusted=True)
 
         def arguments():
             entries, buf_entries, const_entries = layout()

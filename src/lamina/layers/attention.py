@@ -59,11 +59,11 @@ class MultiHeadAttention(Module):
         out = out @ xp.permute_dims(self.out_proj_weight, (1, 0))
         return out if self.out_proj_bias is None else out + self.out_proj_bias
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if len(shape) != 3 or shape[-1] != self.embed_dim:
             return ShapeError(self, f"expects (N, L, {self.embed_dim}) inputs, got shape {shape}")
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
     def extra_repr(self):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"

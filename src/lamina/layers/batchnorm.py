@@ -48,12 +48,12 @@ class _BatchNorm(Module):
             self.num_batches_tracked = self.num_batches_tracked + 1
         return y
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if len(shape) not in self._ranks or shape[1] != self.num_features:
             return ShapeError(self, f"expects (N, {self.num_features}, ...) with {' or '.join(map(str, self._ranks))}"
                               f" axes, got shape {shape}")
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
     def extra_repr(self):
         return f"{'?' if self.num_features is None else self.num_features}, eps={self.eps}, momentum={self.momentum}"

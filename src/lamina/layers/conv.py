@@ -57,11 +57,11 @@ class _ConvNd(Module):
     def forward(self, x):
         return self._backend.conv(x, self.weight, self.bias, self.stride, self._pads, self.dilation, self.groups)
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if len(shape) != self._n + 2 or shape[1] != self.in_channels:
             return self._channels_error(shape)
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
     def _channels_error(self, shape):
         return ShapeError(self, f"expected input (N, {self.in_channels}, ...) with {self._n} spatial axes, "

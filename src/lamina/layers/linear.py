@@ -57,11 +57,11 @@ class Linear(Module):
     def forward(self, x):
         return self._backend.linear(x, self.weight, self.bias)
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if self.in_features is not None and (not shape or shape[-1] != self.in_features):
             return self._shape_error(shape)
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
     def _shape_error(self, shape):
         i, o = self.in_features, self.out_features

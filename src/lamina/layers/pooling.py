@@ -23,11 +23,11 @@ class _PoolNd(Module):
     def forward(self, x):
         return self._backend.pool(x, self._kind, self.kernel_size, self.stride, self._pads)
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if len(shape) != self._n + 2:
             return ShapeError(self, f"expects inputs with {self._n} spatial axes after (N, C), got shape {shape}")
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}" + (f", padding={self.padding}"

@@ -17,10 +17,10 @@ class Flatten(Module):
     def forward(self, x):
         return x.reshape(x.shape[0], -1)
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         if args and getattr(args[0], "ndim", 1) == 0:
             return ShapeError(self, "expects an input with a batch axis, got a scalar")
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
 
 class Identity(Module):

@@ -52,11 +52,11 @@ class TensorReduction(Module):
         t = (x @ self.weight.reshape(n, n * k)).reshape(*x.shape[:-1], n, k)
         return (t * x[..., None]).sum(-2)
 
-    def _diagnose(self, args):
+    def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if not shape or shape[-1] != self.in_features:
             return self._shape_error(shape)
-        return super()._diagnose(args)
+        return super().diagnose(args)
 
     def _shape_error(self, shape):
         return ShapeError(self, f"expected input with last axis {self.in_features}, got shape {tuple(shape)}")
