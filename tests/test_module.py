@@ -177,7 +177,12 @@ def test_train_eval_and_apply(backend):
     net.train()
     seen = []
     net.apply(lambda m: seen.append(type(m).__name__))
-    assert seen == ["ReLU", "Sequential", "Linear", "Sequential"]  # children before parents
+    # children in registration order, each before its parent: what torch.nn.Module.apply does
+    torch = pytest.importorskip("torch")
+    ref = []
+    torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU())).apply(
+        lambda m: ref.append(type(m).__name__))
+    assert seen == ref == ["Linear", "ReLU", "Sequential", "Sequential"]
 
 
 def test_repr_shows_tree_and_shapes(backend):

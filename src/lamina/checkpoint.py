@@ -173,7 +173,7 @@ def _file_mode(path: Path) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from . import context
+from . import context, tree
+from .backends import get_backend
 from .module import Module
+from .parameter import Parameter
 
 __all__ = ["functional_call", "value_and_grad"]
 
@@ -19,16 +21,14 @@ __all__ = ["functional_call", "value_and_grad"]
 def _ready(model: Module, args, kwargs) -> None:
     """Build the model if a lazy layer has not seen an input yet (a dry run on ``args``) and draw any
     parameter not yet drawn, so that nothing changes the model while it runs on swapped values."""
-    if model._needs_build():
-        model._dry_run(args, kwargs)
-    model._draw_parameters()
+    model.ensure_built(*args, **kwargs)
 
 
 @contextmanager
 def _swapped(model: Module, params: dict):
     """Show ``params`` ({path: array}) to the model's modules for the duration; yields the dict in which
     buffer writes made by forward are recorded ({path: new value}). Everything is restored afterwards."""
-    idx = model._index()
+    idx = tree.index(model)
     unknown = [k for k in params if k not in idx.paths]
     if unknown:
         raise KeyError(f"{type(model).__name__} has no parameter {unknown}; its parameters are {list(idx.paths)}")
@@ -39,7 +39,7 @@ def _swapped(model: Module, params: dict):
     try:
         for path, value in params.items():
             p = idx.paths[path]
-            p.show(value)
+            p.show(value.value if isinstance(value, Parameter) else value)  # dict(model.named_parameters())
             shown.append(p)
         yield frame["writes"]
     finally:
@@ -82,7 +82,11 @@ def value_and_grad(fn, has_aux: bool = False):
     """
 
     def wrapped(model: Module, *args, **kwargs):
-        _ready(model, args, kwargs)
+        if not model.is_built:  # build lazy layers by running fn itself once: only fn knows which
+            with model.mode(False), get_backend(model.backend).no_grad():  # arguments go to the model
+                fn(model, *args, **kwargs)
+        model.ensure_built()
+        backend = get_backend(model.backend)
         entries = [(path, p) for path, p in model.named_parameters() if p.trainable]
         params = {path: p.value for path, p in entries}
 
@@ -92,13 +96,13 @@ def value_and_grad(fn, has_aux: bool = False):
             loss, aux = out if has_aux else (out, None)
             return loss, (aux, dict(writes))
 
-        (loss, (aux, writes)), grads = model._backend.value_and_grad(pure, params, True)
+        (loss, (aux, writes)), grads = backend.value_and_grad(pure, params, True)
         grads = {path: grads[path] for path in params}  # model order (jax returns dict keys sorted)
         for path, p in entries:
             p.grad = grads.get(path)
-        index = model._index()
+        index = tree.index(model)
         for path, value in writes.items():  # buffer updates made by forward (running statistics)
-            index.paths[path]._assign(model._backend.stop_gradient(value))
+            index.paths[path].value = backend.stop_gradient(value)
         return ((loss, aux) if has_aux else loss), grads
 
     return wrapped

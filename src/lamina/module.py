@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
+import warnings
 import weakref
 
 import numpy as np
@@ -22,11 +24,15 @@ import numpy as np
 from . import context
 from . import init as _init
 from .backends import backend_of, get_backend
-from .errors import BackendError, DeviceError, LayerError, ModuleError, UninitializedParameterError
+from .errors import BackendError, DeviceError, ModuleError, UninitializedParameterError
+from .explain import reraise as _reraise
 from .parameter import Parameter, _fmt_shape
 from .statedict import apply_load, plan_load
+from .summary import summary as _summary
+from .tree import index as _tree_index
+from .tree import root_of
 
-__all__ = ["Module"]
+__all__ = ["Module", "ModuleList", "ModuleDict"]
 
 _NO_INPUT = object()  # marks "called with no positional input"
 
@@ -54,43 +60,6 @@ class _ParamSlot:
         if p is None:
             raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
         return p.value
-
-
-class _Index:
-    """A module tree flattened once: deduplicated parameters, buffers and modules with their paths."""
-
-    __slots__ = ("version", "entries", "modules", "paths")
-
-    def __init__(self, root: Module):
-        self.version = context.structure_version()
-        self.entries: list[tuple[str, Parameter]] = []  # parameters and buffers, first path of each
-        self.modules: list[tuple[str, Module]] = []
-        self.paths: dict[str, Parameter] = {}  # every path, aliases of tied parameters included
-        seen_p: set[int] = set()
-        seen_m: set[int] = set()
-
-        def visit(m: Module, prefix: str, stack: tuple) -> None:
-            if id(m) in stack:
-                raise ModuleError(f"module '{prefix.rstrip('.')}' ({type(m).__name__}) contains itself")
-            if id(m) not in seen_m:
-                seen_m.add(id(m))
-                self.modules.append((prefix.rstrip("."), m))
-            for name, p in m._params.items():
-                path = prefix + name
-                self.paths[path] = p
-                if id(p) not in seen_p:
-                    seen_p.add(id(p))
-                    self.entries.append((path, p))
-            for name, child in m._modules.items():
-                visit(child, f"{prefix}{name}.", stack + (id(m),))
-
-        visit(root, "", ())
-
-    def path_of(self, p: Parameter) -> str:
-        for path, q in self.entries:
-            if q is p:
-                return path
-        raise KeyError(p)
 
 
 class Module:
@@ -259,9 +228,21 @@ class Module:
         if not self._built:
             self._run_build(shapes)
         if self._needs_build():
-            b = self._backend
-            self._dry_run([b.from_numpy(np.zeros([1 if s is None else s for s in shape], np.float32), self._device)
-                           for shape in shapes])
+            self.dry_run(*[np.zeros([1 if s is None else s for s in shape], np.float32) for shape in shapes])
+        self._draw_parameters()
+        return self
+
+    @property
+    def is_built(self) -> bool:
+        """True once this module and every descendant know all their parameter shapes."""
+        return not self._needs_build()
+
+    def ensure_built(self, *args, **kwargs) -> Module:
+        """Build every lazy layer, if any is unbuilt, with a dry run on these example inputs (see
+        ``dry_run``), and draw every parameter's values. Returns the module. Training and pure calls use
+        it so that nothing changes the model while it runs on swapped values."""
+        if self._needs_build():
+            self.dry_run(*args, **kwargs)
         self._draw_parameters()
         return self
 
@@ -270,26 +251,49 @@ class Module:
         return (any(not m._built and m._build_hook is not None for _, m in idx.modules)
                 or any(not p.is_built for _, p in idx.entries))
 
-    def _dry_run(self, args, kwargs=None) -> None:
-        """Call the model once in eval mode without gradients, so every lazy layer builds itself."""
-        with self._mode(False), self._backend.no_grad():
-            self(*args, **(kwargs or {}))
+    def dry_run(self, *args, **kwargs):
+        """Call the model once on example inputs in eval mode without gradients (so every lazy layer builds
+        itself), leaving each module's mode as it was. Returns the outputs."""
+        with self.mode(False), self._backend.no_grad():
+            return self(*args, **kwargs)
+
+    def _dry_run(self, args, kwargs=None) -> None:  # TODO(lead): remove once train.py uses dry_run
+        self.dry_run(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
-    def _mode(self, training: bool):
-        """Training or eval mode for the whole tree inside the block; each module's own mode after it."""
+    def mode(self, training: bool):
+        """A block in which the whole tree is in training (``True``) or eval (``False``) mode; afterwards
+        each module has its own mode back.
+
+        >>> import lamina as lm
+        >>> lm.set_backend("numpy"); net = lm.Sequential(lm.Dropout(0.5))
+        <lamina backend 'numpy'>
+        >>> with net.mode(False):
+        ...     net[0].training
+        False
+        >>> net[0].training
+        True
+        """
         modes = [(m, m.training) for m in self.modules()]
         self.train(training)
         try:
             yield self
         finally:
-            for m, mode in modes:
-                m.__dict__["training"] = mode
+            for m, was in modes:
+                m.__dict__["training"] = was
+
+    _mode = mode
 
     def _run_build(self, shapes: list) -> None:
         cls = next((c for c in type(self).__mro__ if "_build_hook" in c.__dict__), None)
         if cls is not None and cls.__dict__["_build_hook"] is not None:
-            self._call_hook(cls, shapes)
+            params, modules = dict(self._params), dict(self._modules)
+            declared = {id(p): p.shape for p in params.values()}
+            try:
+                self._call_hook(cls, shapes)
+            except BaseException:  # a build that fails halfway leaves the layer as it was before it
+                self._undo_build(params, modules, declared)
+                raise
         for name, p in self._params.items():
             if not p.is_built:
                 raise UninitializedParameterError(
@@ -297,6 +301,19 @@ class Module:
                     f"{'its build() did not give it a full shape' if cls else 'defines no build()'}; call "
                     f"self.get_parameter({name!r}).materialize(shape) in build(self, input_shape)")
         self.__dict__["_built"] = True
+
+    def _undo_build(self, params: dict, modules: dict, declared: dict) -> None:
+        for name in [n for n in self._params if self._params[n] is not params.get(n)]:
+            self._unregister(name)
+        for name in [n for n in self._modules if self._modules[n] is not modules.get(n)]:
+            self._unregister(name)
+        for name, p in params.items():
+            p.shape = declared[id(p)]
+            if name not in self._params:
+                self._register_parameter(name, p)
+        for name, m in modules.items():
+            if name not in self._modules:
+                self._register_module(name, m)
 
     def _call_hook(self, cls, shapes):
         hook = cls.__dict__["_build_hook"]
@@ -328,13 +345,7 @@ class Module:
                 p._set_drawn(_init.rng_for(path, p._seed, d["_model_index"], p._draws))
 
     def _root(self) -> Module:
-        m, seen = self, {id(self)}
-        while True:
-            parent = next((r() for r, _ in m._parents if r() is not None), None)
-            if parent is None or id(parent) in seen:
-                return m
-            seen.add(id(parent))
-            m = parent
+        return root_of(self)
 
     # ----- registration ------------------------------------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
@@ -359,13 +370,44 @@ class Module:
                 else:
                     params[name]._assign(value)
         elif _holds_modules(value):
-            from .layers.containers import ModuleDict, ModuleList
-
             self._unregister(name)
             self._register_module(name, ModuleDict(value) if isinstance(value, dict) else ModuleList(value))
         else:
             self._unregister(name)
             d[name] = value
+
+    def add_module(self, name: str, module: Module | None) -> None:
+        """Register ``module`` as a child under ``name`` (as ``self.<name> = module``), as in torch."""
+        self._check_name(name)
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"add_module('{name}', ...) takes an lm.Module, got {type(module).__name__}")
+        setattr(self, name, module)
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        """Register ``param`` under ``name`` (as ``self.<name> = param``), as in torch."""
+        self._check_name(name)
+        if param is not None and (not isinstance(param, Parameter) or param.is_buffer):
+            raise TypeError(f"register_parameter('{name}', ...) takes an lm.Parameter, got {type(param).__name__}")
+        setattr(self, name, param)
+
+    def register_buffer(self, name: str, value, persistent: bool = True) -> None:
+        """Register a buffer under ``name``: ``value`` is an array (of any backend, or NumPy) or an
+        ``lm.Buffer``; ``persistent=False`` keeps it out of checkpoints. As in torch."""
+        from .parameter import Buffer
+
+        self._check_name(name)
+        buf = value if isinstance(value, Buffer) else Buffer(value, persistent=persistent)
+        if not persistent:
+            buf.persistent = False
+        setattr(self, name, buf)
+
+    def _check_name(self, name) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{type(self).__name__}: a child or parameter name is a non-empty string without "
+                             f"'.', got {name!r}")
+        if "_params" not in self.__dict__:
+            raise ModuleError(f"{type(self).__name__}.__init__ must call super().__init__() before registering "
+                              f"'{name}'")
 
     def _record_write(self, p: Parameter, name: str, value) -> None:
         frame = context.pure_frames()[-1]
@@ -427,12 +469,8 @@ class Module:
             context.bump_structure()
 
     # ----- traversal ---------------------------------------------------------------------------------
-    def _index(self) -> _Index:
-        idx = self.__dict__["_cache"]
-        if idx is None or idx.version != context.structure_version():
-            idx = _Index(self)
-            self.__dict__["_cache"] = idx
-        return idx
+    def _index(self):
+        return _tree_index(self)
 
     def named_parameters(self):
         """``(dotted path, Parameter)`` pairs of every parameter in the tree, each shared one once."""
@@ -511,11 +549,11 @@ class Module:
         return self
 
     def predict(self, data, batch_size: int = 256):
-        """Outputs for ``data`` (an array or an iterable of input batches), in batches, in eval mode,
-        without gradients (see ``lm.train.predict``)."""
-        from .train import predict
-
-        return predict(self, data, batch_size)
+        """Deprecated: use ``lm.predict(model, data)``. Kept for one release."""
+        warnings.warn("Module.predict(data) is deprecated; use lm.predict(model, data)", DeprecationWarning,
+                      stacklevel=2)
+        # looked up at call time, not imported: module.py stands below the training loop (no import edge)
+        return sys.modules["lamina.train"].predict(self, data, batch_size)
 
     def summary(self, *input_shapes, print_fn=print) -> str:
         """Print (and return) a table of the layers: dotted path, type, output shape, parameter count,
@@ -528,69 +566,7 @@ class Module:
         >>> print(text.splitlines()[-2])
         Total parameters: 16 (64 B), trainable: 16
         """
-        shapes = [tuple(s) for s in input_shapes]
-        if not shapes:
-            raise TypeError("summary() needs the input shape, e.g. model.summary((None, 20))")
-        self.build(*shapes)
-        idx = self._index()
-        outputs: dict[int, str] = {}
-
-        def recorder(m):
-            forward = m.forward
-
-            def record(*args, **kwargs):
-                out = forward(*args, **kwargs)
-                outs = out if isinstance(out, tuple | list) else (out,)
-                outputs[id(m)] = ", ".join(str(tuple(o.shape)) if hasattr(o, "shape") else type(o).__name__
-                                           for o in outs)
-                return out
-
-            return record
-
-        for _, m in idx.modules:
-            m.__dict__["forward"] = recorder(m)
-        try:
-            b = self._backend
-            self._dry_run([b.from_numpy(np.zeros([1 if s is None else s for s in shape], np.float32),
-                                        self._device) for shape in shapes])
-        finally:
-            for _, m in idx.modules:
-                m.__dict__.pop("forward", None)
-        counted: set[int] = set()
-        first_path: dict[int, str] = {}
-        rows = [("Layer (path)", "Type", "Output shape", "Params")]
-
-        def walk(m, path):  # every use of every module, shared ones included
-            yield path, m
-            for name, child in m._modules.items():
-                yield from walk(child, f"{path}.{name}" if path else name)
-
-        for path, m in walk(self, ""):
-            n = 0
-            for p in m._params.values():
-                if id(p) not in counted and not p._is_buffer:
-                    counted.add(id(p))
-                    n += p.size
-            kind = type(m).__name__
-            if id(m) in first_path:
-                kind += f" (shared with {first_path[id(m)]})"
-            first_path.setdefault(id(m), path)
-            depth = path.count(".") + 1 if path else 0
-            rows.append(("  " * depth + (path or "(model)"), kind, outputs.get(id(m), "-"), f"{n:,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        params = [p for _, p in idx.entries if not p._is_buffer]
-        total = sum(p.size for p in params)
-        trainable = sum(p.size for p in params if p.trainable)
-        nbytes = sum(p.nbytes for p in params)
-        buffers = sum(p.nbytes for _, p in idx.entries if p._is_buffer)
-        rule = "-" * len(line(rows[0]))
-        text = "\n".join([line(rows[0]), rule, *map(line, rows[1:]), rule,
-                          f"Total parameters: {total:,} ({_fmt_bytes(nbytes)}), trainable: {trainable:,}",
-                          f"Buffers: {_fmt_bytes(buffers)}"])
-        if print_fn is not None:
-            print_fn(text)
-        return text
+        return _summary(self, input_shapes, print_fn)
 
     # ----- modes, maintenance ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -604,9 +580,19 @@ class Module:
         return self.train(False)
 
     def apply(self, fn) -> Module:
-        """Call ``fn(module)`` on every descendant, then on this module (children first, as in torch)."""
-        for m in reversed(list(self.modules())):
+        """Call ``fn(module)`` on every descendant, then on this module: children in registration order,
+        each child's own children before it, as ``torch.nn.Module.apply`` (a shared module once)."""
+        seen: set[int] = set()
+
+        def visit(m: Module) -> None:
+            for child in m._modules.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    visit(child)
             fn(m)
+
+        seen.add(id(self))
+        visit(self)
         return self
 
     def zero_grad(self) -> None:
@@ -658,6 +644,10 @@ class Module:
         ``requires_grad``), no link to the original. Caches and compiled train steps are not copied."""
         import copy
 
+        root = self._root()
+        if root.__dict__.get("_model_index") is None:  # values not drawn yet: the copy must draw the same ones
+            root.__dict__["_model_index"] = _init.next_model_index()
+        self._draw_parameters()
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         d = new.__dict__
@@ -696,23 +686,34 @@ class Module:
     def to(self, backend: str | None = None, device: str | None = None) -> Module:
         """Move every parameter and buffer to another backend and/or device, in place; returns self.
 
-        Between backends the arrays go through DLPack (zero-copy where both sides allow it).
+        ``model.to("cuda:0")`` / ``model.to("cpu")`` move to a device, as in torch; ``model.to(backend="jax")``
+        to another backend. Arrays are copied, never shared with the old backend's arrays (a user may still
+        hold those, and training on the new backend writes in place). All or nothing: every array is
+        converted before any parameter changes.
         """
+        from .backends import BACKENDS
+
+        if backend is not None and device is None and str(backend) not in BACKENDS:
+            backend, device = None, backend  # model.to("cuda:0"), as in torch
         b = get_backend(backend) if backend is not None else self._backend
         dev = b.check_device(device) if device is not None else None
-        for _, m in self._index().modules:
+        idx = self._index()
+        moved = []
+        for _, p in idx.entries:
+            if p._value is not None:
+                v = p._value
+                new = b.copy(b.from_other(v, dev)) if p.backend is not b else b.to_device(v, dev)
+                moved.append((p, new))
+        for _, m in idx.modules:
             d = m.__dict__
             d["_backend"], d["_device"] = b, dev
             if d["_pass"] is not None:
                 d["_pass"] = b.native_types
-        for _, p in self._index().entries:
-            old_backend = p.backend
+        for _, p in idx.entries:
             p._backend, p._device = b, dev
-            if p._value is not None:
-                v = p._value
-                new = b.from_other(v, dev) if old_backend is not b else b.to_device(v, dev)
-                p._value = None  # a moved array is a new array: do not write into the old one
-                p._set_value(new)
+        for p, new in moved:
+            p._value = None  # a moved array is a new array: do not write into the old one
+            p._set_value(new)
         return self
 
     # ----- display -----------------------------------------------------------------------------------
@@ -731,12 +732,103 @@ class Module:
         return "\n".join(lines) + "\n)"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+# ----- containers: a list or dict of layers assigned to a module becomes one of these ---------------
+class ModuleList(Module):
+    """A list of layers that registers them under the keys ``"0"``, ``"1"``, ...
+
+    Supports indexing (an int gives a layer, a slice a new container sharing the layers), ``len``,
+    iteration and ``append``/``extend``.
+
+    >>> import lamina as lm
+    >>> blocks = lm.ModuleList([lm.ReLU(), lm.Tanh()]); len(blocks)
+    2
+    """
+
+    def __init__(self, layers=()):
+        super().__init__()
+        self.__dict__["_seq"] = ()
+        self.extend(layers)
+
+    def append(self, layer: Module) -> ModuleList:
+        """Add a layer at the end (registered under the next index)."""
+        if not isinstance(layer, Module):
+            raise TypeError(f"{type(self).__name__} holds layers (lm.Module), got {type(layer).__name__}")
+        self._register_module(str(len(self._seq)), layer)
+        self.__dict__["_seq"] = self._seq + (layer,)
+        return self
+
+    def extend(self, layers) -> ModuleList:
+        """Append each of ``layers``."""
+        for layer in layers:
+            self.append(layer)
+        return self
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return type(self)(self._seq[i])
+        try:
+            return self._seq[i]
+        except IndexError:
+            raise IndexError(f"{type(self).__name__} index {i} out of range for {len(self._seq)} layers") from None
+
+    def __len__(self) -> int:
+        return len(self._seq)
+
+    def __iter__(self):
+        return iter(self._seq)
+
+    def forward(self, *args):
+        raise NotImplementedError(
+            f"{type(self).__name__} only holds layers; use lm.Sequential to chain them, or call each one")
+
+
+class ModuleDict(Module):
+    """A dict of layers, registered under their keys.
+
+    >>> import lamina as lm
+    >>> heads = lm.ModuleDict({"a": lm.ReLU()}); list(heads)
+    ['a']
+    """
+
+    def __init__(self, layers=None):
+        super().__init__()
+        for k, v in dict(layers or {}).items():
+            self[k] = v
+
+    def __setitem__(self, key: str, layer: Module) -> None:
+        if not isinstance(key, str) or "." in key or not key:
+            raise ValueError(f"{type(self).__name__} keys are non-empty strings without '.', got {key!r}")
+        if not isinstance(layer, Module):
+            raise TypeError(f"{type(self).__name__} holds layers (lm.Module), got {type(layer).__name__}")
+        self._unregister(key)
+        self._register_module(key, layer)
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def keys(self):
+        """The layer names."""
+        return self._modules.keys()
+
+    def values(self):
+        """The layers."""
+        return self._modules.values()
+
+    def items(self):
+        """``(name, layer)`` pairs."""
+        return self._modules.items()
+
+    def forward(self, *args):
+        raise NotImplementedError(f"{type(self).__name__} only holds layers; call them by key")
 
 
 def _holds_modules(value) -> bool:
@@ -753,71 +845,4 @@ def _holds_modules(value) -> bool:
                         f"got {[type(v).__name__ for v in items]}")
     return True
 
-
-def _describe(args) -> str:
-    shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
-    return "input shapes " + ", ".join(str(s) for s in shapes) if shapes else "no inputs"
-
-
-def _reraise(module: Module, exc: Exception, args, diagnose: bool = True):
-    """Raise ``exc`` again, explained (see ``_explain``): the same exception with the layer path, or a
-    clearer one chained to it. Only ever called after a failure, so the call path pays nothing for it."""
-    new = _explain(module, exc, args, diagnose)
-    if new is exc:
-        raise exc
-    raise new from exc
-
-
-def _explain(module: Module, exc: Exception, args, diagnose: bool = True) -> Exception:
-    """Called as an exception leaves ``module``: returns the exception to raise, with the layer path.
-
-    The innermost module may replace it with a clearer one (``_diagnose``); each module it passes
-    through records itself, so the path names the modules actually called.
-    """
-    chain = getattr(exc, "_lamina_chain", None)
-    if chain is None:
-        if diagnose and not isinstance(exc, LayerError | BackendError | DeviceError):
-            try:
-                better = module.diagnose(args)
-            except Exception:  # a diagnosis must never hide the original error
-                better = None
-            if better is not None:
-                exc = better
-        chain = [module]
-        try:
-            exc._lamina_chain = chain
-            exc._lamina_inputs = _describe(args)
-        except Exception:  # exceptions that refuse attributes keep their message as is
-            return exc
-    elif chain[-1] is not module:
-        chain.append(module)
-    path = _path_of(chain)
-    if isinstance(exc, LayerError):
-        exc.path = path
-        return exc
-    note = f"(raised in layer '{path}' ({type(chain[0]).__name__}), called with {exc._lamina_inputs})"
-    notes = getattr(exc, "__notes__", None)
-    if notes and notes[-1].startswith("(raised in layer "):
-        notes[-1] = note
-    else:
-        exc.add_note(note)
-    return exc
-
-
-def _path_of(chain: list) -> str:
-    """The dotted path of ``chain[0]``: through the modules that were called, then up the parent links."""
-    names = []
-    for inner, outer in zip(chain, chain[1:]):
-        name = next((n for n, c in outer._modules.items() if c is inner), None)
-        names.append("?" if name is None else name)
-    m = chain[-1]
-    seen = {id(m)}
-    while True:
-        up = next(((r(), n) for r, n in m._parents if r() is not None), None)
-        if up is None or id(up[0]) in seen:
-            break
-        seen.add(id(up[0]))
-        names.append(up[1])
-        m = up[0]
-    return ".".join(reversed(names))
 

@@ -19,6 +19,7 @@ import numpy as np
 from . import context
 from . import init as _init
 from .errors import ShapeError, UninitializedParameterError
+from .tree import path_of
 
 
 def _as_shape(shape) -> tuple:
@@ -66,6 +67,8 @@ class Parameter:
 
     def __init__(self, shape=None, init=None, *, dtype: str = "float32", trainable: bool = True,
                  value=None):
+        if value is None and shape is not None and _is_array(shape):
+            value, shape = shape, None  # lm.Parameter(array), as torch.nn.Parameter(tensor)
         if value is not None:
             array = np.array(_host(value), copy=True)
             shape = array.shape
@@ -86,6 +89,23 @@ class Parameter:
         self._owners: list[tuple[weakref.ref, str]] = []
         self._backend = None
         self._device = None
+
+    @property
+    def is_buffer(self) -> bool:
+        """True for a ``Buffer`` (never trained; saved unless ``persistent=False``)."""
+        return self._is_buffer
+
+    @property
+    def path(self) -> str:
+        """The parameter's dotted path in its outermost model (``"encoder.0.weight"``): its identity in
+        checkpoints, optimizer state and errors. Just its name while no module holds it."""
+        owner = self._owner_module()
+        if owner is None:
+            return self.name
+        for path, p in owner._root()._index().entries:
+            if p is self:
+                return path
+        return self.name
 
     # ----- shape -------------------------------------------------------------------------------------
     @property
@@ -185,6 +205,11 @@ class Parameter:
         self._draw(redraw=True)
         return self
 
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(parameter)``: its values on the host."""
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
     def numpy(self) -> np.ndarray:
         """The value as a NumPy array (a copy or a read-only view)."""
         return self.backend.to_numpy(self.value)
@@ -201,9 +226,7 @@ class Parameter:
         owner = self._owner_module()
         where, path = "", self.name or "?"
         if owner is not None:
-            from .module import _path_of
-
-            prefix = _path_of([owner])
+            prefix = path_of([owner])
             where, path = f" of {type(owner).__name__}", f"{prefix}.{path}" if prefix else path
         return (f"cannot {what} parameter '{path}'{where}: its shape {_fmt_shape(self.shape)} "
                 "is not known yet because the layer infers it from its first input. Call the model once "
@@ -370,6 +393,12 @@ def _np_dtype(name: str):
 
         return ml_dtypes.bfloat16
     return np.dtype(name)
+
+
+def _is_array(x) -> bool:
+    from .backends import backend_of
+
+    return isinstance(x, np.ndarray) or backend_of(x) is not None
 
 
 def _host(x):
