@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import sys
 import warnings
 import weakref
@@ -693,7 +694,8 @@ class Module:
         """
         from .backends import BACKENDS
 
-        if backend is not None and device is None and str(backend) not in BACKENDS:
+        if (backend is not None and device is None and str(backend) not in BACKENDS
+                and re.fullmatch(r"(cpu|cuda|gpu|mps|tpu|xla|meta)(:\d+)?", str(backend).lower())):
             backend, device = None, backend  # model.to("cuda:0"), as in torch
         b = get_backend(backend) if backend is not None else self._backend
         dev = b.check_device(device) if device is not None else None

@@ -1,0 +1,228 @@
+"""The redesigned core: one keeper of parameter values, public build and mode helpers, copies, moves,
+thread-local state, and the PyTorch habits that Module supports (issues 8, 9 and 10)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from conftest import MyLinear, rand, to_np
+
+import lamina as lm
+from lamina import context
+
+
+# ----- one keeper: Parameter.set_value ------------------------------------------------------------
+def test_set_value_shows_the_array_to_every_owner(backend):
+    shared = lm.Linear(3, 3)
+    net = lm.Sequential(shared, lm.ReLU(), shared)
+    p = shared.get_parameter("weight")
+    b = lm.get_backend(backend)
+    new = b.from_numpy(np.eye(3, dtype=np.float32))
+    p.set_value(new)
+    np.testing.assert_array_equal(to_np(net[0].weight), np.eye(3))
+    np.testing.assert_array_equal(to_np(net[2].weight), np.eye(3))
+    np.testing.assert_array_equal(p.numpy(), np.eye(3))
+
+
+def test_set_value_refuses_wrong_shape_dtype_and_foreign_arrays(backend):
+    layer = lm.Linear(2, 3)
+    p = layer.get_parameter("weight")
+    before = p.numpy().copy()
+    b = lm.get_backend(backend)
+    with pytest.raises(lm.ShapeError, match=r"shape \(2, 3\).*\(3, 2\)"):
+        p.set_value(b.from_numpy(np.zeros((3, 2), np.float32)))
+    with pytest.raises(TypeError, match="dtype float32"):
+        p.set_value(b.from_numpy(np.zeros((2, 3), np.int32)))
+    if backend != "numpy":
+        with pytest.raises(TypeError, match="set_value"):
+            p.set_value(np.zeros((2, 3), np.float32))
+    np.testing.assert_array_equal(p.numpy(), before)
+
+
+# ----- parameters as torch users make them ------------------------------------------------------
+def test_parameter_from_an_array_positionally(backend):
+    values = rand(3, 4)
+    p = lm.Parameter(lm.get_backend(backend).from_numpy(values))
+    assert p.shape == (3, 4) and p.dtype == "float32"
+    np.testing.assert_array_equal(p.numpy(), values)
+    np.testing.assert_array_equal(np.asarray(p), values)  # np.asarray(parameter) gives its values
+
+
+def test_parameter_path_is_its_identity():
+    lm.set_backend("numpy")
+    net = lm.Sequential(lm.Linear(2, 3), lm.Sequential(lm.Linear(3, 1)))
+    assert net[1][0].get_parameter("weight").path == "1.0.weight"
+    assert lm.Parameter((2,)).path == ""
+
+
+def test_add_module_register_parameter_and_register_buffer(backend):
+    m = lm.Module()
+    m.add_module("lin", lm.Linear(2, 2))
+    m.register_parameter("scale", lm.Parameter((2,), init=lm.init.ones()))
+    m.register_buffer("table", np.arange(3))
+    m.register_buffer("scratch", np.zeros(2, np.float32), persistent=False)
+    assert sorted(m.state_dict()) == ["lin.bias", "lin.weight", "scale", "table"]
+    assert [k for k, _ in m.named_buffers()] == ["table", "scratch"]
+    np.testing.assert_array_equal(to_np(m.table), np.arange(3))
+    with pytest.raises(ValueError, match="without '.'"):
+        m.add_module("a.b", lm.ReLU())
+    with pytest.raises(TypeError, match="lm.Module"):
+        m.add_module("x", 3)
+
+
+# ----- building -----------------------------------------------------------------------------------
+class HalfBuilt(lm.Module):
+    """A build hook that registers a parameter, fixes another's shape, then fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = lm.Parameter((None, 3))
+
+    def build(self, input_shape):
+        self.extra = lm.Parameter((2,))
+        self.get_parameter("w").materialize((input_shape[-1], 3))
+        raise RuntimeError("build failed halfway")
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_a_build_that_fails_halfway_leaves_the_layer_as_it_was(backend, tmp_path):
+    m = HalfBuilt()
+    with pytest.raises(RuntimeError, match="halfway"):
+        m(rand(2, 4))
+    assert [k for k, _ in m.named_parameters()] == ["w"]
+    assert m.get_parameter("w").shape == (None, 3)
+    with pytest.raises(lm.CheckpointError, match="no shape yet"):  # nothing half-built can be saved
+        lm.save(m, tmp_path / "half.safetensors")
+    assert not (tmp_path / "half.safetensors").exists()
+
+
+def test_value_and_grad_builds_a_lazy_model_called_with_labels(grad_backend):
+    """The loss function takes (model, x, y): only it knows that y does not go to the model."""
+    model = lm.Sequential(lm.Linear(4), lm.ReLU(), lm.Linear(1))
+    x, y = rand(8, 3), rand(8, 1, seed=1)
+    loss, grads = lm.value_and_grad(lambda m, x, y: lm.losses.mse(m(x), y))(model, x, y)
+    assert sorted(grads) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    w0, b0 = (model.get_parameter(k).numpy() for k in ("0.weight", "0.bias"))
+    w2, b2 = (model.get_parameter(k).numpy() for k in ("2.weight", "2.bias"))
+    ref = np.mean((np.maximum(x @ w0 + b0, 0) @ w2 + b2 - y) ** 2)
+    np.testing.assert_allclose(float(to_np(loss)), ref, rtol=1e-5)
+
+
+def test_mode_restores_each_modules_own_mode(backend):
+    net = lm.Sequential(lm.Dropout(0.5), lm.Linear(2, 2))
+    net[0].eval()
+    with net.mode(True):
+        assert net.training and net[0].training
+    assert net.training and not net[0].training
+
+
+def test_functional_call_takes_named_parameters(backend):
+    layer = MyLinear(3, 2)
+    x = rand(4, 3)
+    out = lm.functional_call(layer, dict(layer.named_parameters()), x)
+    np.testing.assert_allclose(to_np(out), to_np(layer(x)), rtol=1e-6)
+
+
+# ----- copies and moves ---------------------------------------------------------------------------
+def test_a_deepcopy_before_the_first_call_equals_its_original(backend):
+    net = lm.Sequential(lm.Linear(4), lm.ReLU(), lm.Linear(2))  # lazy: no values drawn yet
+    twin = copy.deepcopy(net)
+    x = rand(3, 5)
+    np.testing.assert_array_equal(to_np(twin(x)), to_np(net(x)))
+    eager = lm.Linear(5, 2)
+    np.testing.assert_array_equal(to_np(copy.deepcopy(eager)(x)), to_np(eager(x)))
+
+
+def test_to_takes_a_device_positionally(backend):
+    layer = lm.Linear(2, 2)
+    assert layer.to("cpu") is layer and layer.device == "cpu"
+    with pytest.raises(lm.DeviceError, match="no device"):
+        layer.to("cuda:7")
+    with pytest.raises(lm.BackendError, match="unknown backend"):
+        layer.to(backend="nope")
+
+
+@pytest.mark.skipif(not {"torch", "jax"} <= set(lm.available_backends()), reason="needs torch and jax")
+def test_moving_between_backends_copies_so_training_never_writes_under_a_held_array():
+    lm.set_backend("jax")
+    layer = lm.Linear(3, 2)
+    held = layer.weight  # a jax array the user keeps
+    before = np.array(held)
+    layer.to(backend="torch")
+    with __import__("torch").no_grad():
+        layer.weight.add_(1.0)  # torch trains in place
+    np.testing.assert_array_equal(np.array(held), before)
+
+
+# ----- deprecations -------------------------------------------------------------------------------
+def test_module_predict_still_works_with_a_deprecation_warning():
+    lm.set_backend("numpy")
+    layer = lm.Linear(2, 1, weight_init=lm.init.ones())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer.predict(np.ones((3, 2), np.float32))
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    np.testing.assert_allclose(to_np(out), np.full((3, 1), 2.0))
+
+
+# ----- thread-local state -------------------------------------------------------------------------
+def test_pure_call_frames_and_key_scopes_are_per_thread():
+    seen = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name):
+        frames, scopes = context.pure_frames(), context.key_scopes()
+        frames.append({"writes": {}, "written": {}, "paths": {}})
+        scopes.append([name, 0])
+        barrier.wait()
+        seen[name] = (len(context.pure_frames()), context.key_scopes()[-1][0])
+        frames.pop()
+        scopes.pop()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a": (1, "a"), "b": (1, "b")}
+    assert context.pure_frames() == [] and context.key_scopes() == []
+
+
+def test_pure_calls_and_plain_calls_on_different_models_in_threads(grad_backend):
+    """BatchNorm records its buffer writes in the pure-call frame of its own thread only: a plain call in
+    another thread must update its own running statistics, and the pure call must not."""
+    pure_model, plain_model = lm.BatchNorm1d(), lm.BatchNorm1d()
+    x = rand(16, 4) * 3 + 1
+    pure_model(x), plain_model(x)  # build both
+    errors = []
+
+    def pure():
+        try:
+            for _ in range(20):
+                lm.functional_call(pure_model, {}, x, return_buffers=True)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def plain():
+        try:
+            for _ in range(20):
+                plain_model(x)
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    ts = [threading.Thread(target=pure), threading.Thread(target=plain)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    # the pure model saw one plain call (the build); the plain one saw 21, approaching the batch mean
+    mean = x.mean(0)
+    np.testing.assert_allclose(pure_model.get_parameter("running_mean").numpy(), 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(plain_model.get_parameter("running_mean").numpy(), mean * (1 - 0.9**21), rtol=1e-4)
