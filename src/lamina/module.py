@@ -22,10 +22,11 @@ import weakref
 
 import numpy as np
 
+from . import build as _build
 from . import context
 from . import init as _init
 from .backends import backend_of, get_backend
-from .errors import BackendError, DeviceError, ModuleError, UninitializedParameterError
+from .errors import BackendError, DeviceError, ModuleError
 from .explain import reraise as _reraise
 from .parameter import Parameter, _fmt_shape
 from .statedict import apply_load, plan_load
@@ -193,6 +194,12 @@ class Module:
                 out.append(a)
         return tuple(out)
 
+    def convert_inputs(self, *args) -> tuple:
+        """The inputs as ``forward`` would receive them: arrays of this module's backend pass; NumPy arrays
+        and lists of numbers become arrays of its backend on its device (float64 as float32); other values
+        (None, ints, containers) pass unchanged; an array of another backend is a ``BackendError``."""
+        return self._convert_inputs(args)
+
     def diagnose(self, args) -> Exception | None:
         """After a failure: a clearer error for it, or None. Layers extend it with shape checks."""
         dev = self.device
@@ -222,7 +229,7 @@ class Module:
         """
         running = self.__dict__.get("_building")
         if running is not None:  # super().build(...) from inside a subclass's hook
-            return self._run_hook_after(running, input_shapes)
+            return _build.run_hook_after(self, running, input_shapes)
         if not input_shapes:
             raise TypeError("build() needs the input shape, e.g. model.build((None, 20))")
         shapes = [tuple(s) for s in input_shapes]
@@ -286,64 +293,10 @@ class Module:
     _mode = mode
 
     def _run_build(self, shapes: list) -> None:
-        cls = next((c for c in type(self).__mro__ if "_build_hook" in c.__dict__), None)
-        if cls is not None and cls.__dict__["_build_hook"] is not None:
-            params, modules = dict(self._params), dict(self._modules)
-            declared = {id(p): p.shape for p in params.values()}
-            try:
-                self._call_hook(cls, shapes)
-            except BaseException:  # a build that fails halfway leaves the layer as it was before it
-                self._undo_build(params, modules, declared)
-                raise
-        for name, p in self._params.items():
-            if not p.is_built:
-                raise UninitializedParameterError(
-                    f"{type(self).__name__} declared parameter '{name}' with shape {_fmt_shape(p.shape)} but "
-                    f"{'its build() did not give it a full shape' if cls else 'defines no build()'}; call "
-                    f"self.get_parameter({name!r}).materialize(shape) in build(self, input_shape)")
-        self.__dict__["_built"] = True
-
-    def _undo_build(self, params: dict, modules: dict, declared: dict) -> None:
-        for name in [n for n in self._params if self._params[n] is not params.get(n)]:
-            self._unregister(name)
-        for name in [n for n in self._modules if self._modules[n] is not modules.get(n)]:
-            self._unregister(name)
-        for name, p in params.items():
-            p.shape = declared[id(p)]
-            if name not in self._params:
-                self._register_parameter(name, p)
-        for name, m in modules.items():
-            if name not in self._modules:
-                self._register_module(name, m)
-
-    def _call_hook(self, cls, shapes):
-        hook = cls.__dict__["_build_hook"]
-        d = self.__dict__
-        d["_building"] = cls
-        try:
-            hook(self, *shapes[:cls._build_hook_arity])
-        finally:
-            d["_building"] = None
-
-    def _run_hook_after(self, running_cls, input_shapes):
-        mro = type(self).__mro__
-        for c in mro[mro.index(running_cls) + 1:]:
-            if c.__dict__.get("_build_hook") is not None:
-                self._call_hook(c, list(input_shapes))
-                self.__dict__["_building"] = running_cls
-                return self
-        return self
+        _build.run_build(self, shapes)
 
     def _draw_parameters(self, only: Parameter | None = None) -> None:
-        """Give every built parameter of the whole model that has no value yet (or just ``only``) its
-        values, each from the random stream of its path in the outermost module."""
-        root = self._root()
-        d = root.__dict__
-        if d.get("_model_index") is None:
-            d["_model_index"] = _init.next_model_index()
-        for path, p in root._index().entries:
-            if (p is only) if only is not None else (p._value is None and p.is_built):
-                p._set_drawn(_init.rng_for(path, p._seed, d["_model_index"], p._draws))
+        _build.draw_parameters(self, only)
 
     def _root(self) -> Module:
         return root_of(self)
@@ -616,28 +569,7 @@ class Module:
         >>> net.reinitialize(weight=lm.init.constant(1.0), bias=lm.init.zeros()).weight.sum()
         np.float32(6.0)
         """
-        chosen = []
-        names_seen = set()
-        for path, p in self.named_parameters():
-            local = path.rsplit(".", 1)[-1]
-            names_seen.add(local)
-            how = inits.get(local, init)
-            if how is None and (inits or init is not None):
-                continue
-            if how is not None and not callable(how):
-                raise TypeError(f"the initializer for '{path}' must be callable init(shape, rng), got {how!r}")
-            if not p.is_built:
-                raise UninitializedParameterError(p._unbuilt_message("re-initialize"))
-            chosen.append((p, how))
-        unknown = sorted(set(inits) - names_seen)
-        if unknown:
-            raise ValueError(f"reinitialize(): {type(self).__name__} has no parameter named {unknown}; "
-                             f"its parameter names are {sorted(names_seen)}")
-        if not chosen and (init is not None or inits or names_seen):
-            raise ValueError(f"reinitialize(): nothing to re-initialize in {type(self).__name__}")
-        for p, how in chosen:
-            p.initialize(how)
-        return self
+        return _build.reinitialize(self, init, inits)
 
     # ----- copying -----------------------------------------------------------------------------------
     def __deepcopy__(self, memo):
