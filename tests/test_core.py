@@ -9,10 +9,11 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import MyLinear, rand, to_np
 
 import lamina as lm
 from lamina import context
+
+from conftest import MyLinear, rand, to_np
 
 
 # ----- one keeper: Parameter.set_value ------------------------------------------------------------
@@ -226,3 +227,59 @@ def test_pure_calls_and_plain_calls_on_different_models_in_threads(grad_backend)
     mean = x.mean(0)
     np.testing.assert_allclose(pure_model.get_parameter("running_mean").numpy(), 0.1 * mean, rtol=1e-5)
     np.testing.assert_allclose(plain_model.get_parameter("running_mean").numpy(), mean * (1 - 0.9**21), rtol=1e-4)
+
+
+# ----- torch habits: in-place initializers inside apply(fn) ---------------------------------------
+def test_in_place_initializers_inside_apply(backend):
+    net = lm.Sequential(lm.Linear(50, 400), lm.ReLU(), lm.Linear(400, 2))
+    own = net[0].get_parameter("weight").init
+
+    def init_weights(m):
+        if type(m) is lm.Linear:
+            lm.init.normal_(m.weight, mean=0.5, std=0.01)
+            lm.init.constant_(m.bias, 3.0)
+
+    net.apply(init_weights)
+    w = net.get_parameter("0.weight").numpy()
+    assert abs(w.mean() - 0.5) < 1e-3 and abs(w.std() - 0.01) < 1e-3  # 20,000 draws of N(0.5, 0.01^2)
+    np.testing.assert_array_equal(net.get_parameter("2.bias").numpy(), [3.0, 3.0])
+    assert net[0].get_parameter("weight").init is own  # reinitialize() still uses the layer's own
+    lm.init.zeros_(net[2].get_parameter("weight"))  # a Parameter object works too
+    np.testing.assert_array_equal(to_np(net[2].weight), np.zeros((400, 2)))
+    with pytest.raises(TypeError, match="not a parameter"):
+        lm.init.normal_(lm.get_backend(backend).from_numpy(np.zeros(3, np.float32)))
+
+
+def test_in_place_initializers_give_the_same_values_on_every_backend():
+    values = []
+    for name in lm.available_backends():
+        lm.set_backend(name)
+        lm.manual_seed(7)
+        layer = lm.Linear(3, 4)
+        lm.init.xavier_normal_(layer.weight)
+        values.append(layer.get_parameter("weight").numpy())
+    for v in values[1:]:
+        np.testing.assert_array_equal(v, values[0])
+
+
+def test_parameter_of_finds_the_parameter_behind_an_array(backend):
+    layer = lm.Linear(2, 3)
+    assert lm.Parameter.of(layer.weight) is layer.get_parameter("weight")
+    assert lm.Parameter.of(lm.get_backend(backend).from_numpy(np.zeros(2, np.float32))) is None
+
+
+# ----- inputs: containers pass through ------------------------------------------------------------
+class Decoder(lm.Module):
+    def forward(self, X, state):
+        enc_outputs, valid_lens, caches = state
+        return X + enc_outputs, valid_lens, caches
+
+
+def test_a_list_state_stays_a_list_and_its_arrays_are_converted(backend):
+    dec = Decoder()
+    x, enc = rand(2, 3), rand(2, 3, seed=1)
+    out, lens, caches = dec(x, [enc, np.array([1, 2]), [None] * 2])
+    assert lm.backend_of(out).name == backend and lm.backend_of(lens).name == backend
+    assert caches == [None, None]
+    np.testing.assert_allclose(to_np(out), x + enc, rtol=1e-6)
+    assert to_np(lm.Identity()([[1.0, 2.0], [3.0, 4.0]])).shape == (2, 2)  # a list of numbers is one array

@@ -17,6 +17,8 @@ state                   scope             what it is for
                                           ``value_and_grad``, a compiled train step): buffer writes
                                           made by ``forward`` are recorded there
 ``key_scopes``          thread            the random key scopes opened by compiled steps
+``value_owners``        process           which Parameter holds a given raw array as its value, so that
+                                          ``lm.init.normal_(module.weight)`` finds the parameter
 ======================  ================  =========================================================
 
 Thread-local state is what two threads could otherwise see half of: a pure call in one thread must not
@@ -29,6 +31,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import threading
+import weakref
 
 import numpy as np
 
@@ -78,6 +81,23 @@ def structure_version() -> int:
 def bump_structure() -> None:
     """Record a change of structure: every traversal cache and compiled-step layout is stale now."""
     _structure[0] = next(_versions)
+
+
+_value_owners: dict[int, weakref.ref] = {}
+
+
+def note_value(old, new, param) -> None:
+    """Record that ``param`` now holds the array ``new`` (instead of ``old``)."""
+    if old is not None:
+        _value_owners.pop(id(old), None)
+    _value_owners[id(new)] = weakref.ref(param)
+
+
+def parameter_of(array):
+    """The Parameter whose current value is ``array``, or None."""
+    ref = _value_owners.get(id(array))
+    p = None if ref is None else ref()
+    return p if p is not None and p._value is array else None
 
 
 # ----- per thread ----------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from . import context
 __all__ = [
     "Initializer", "zeros", "ones", "constant", "normal", "uniform", "xavier_uniform", "xavier_normal",
     "kaiming_uniform", "kaiming_normal", "fans", "manual_seed", "rng_for",
+    "zeros_", "ones_", "constant_", "normal_", "uniform_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+    "kaiming_normal_",
 ]
 
 InitFn = Callable[[tuple, np.random.Generator], "np.ndarray"]
@@ -172,3 +174,65 @@ def kaiming_normal(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "re
         return rng.normal(0.0, _kaiming_std(shape, a, mode, nonlinearity), shape)
 
     return Initializer(fn, f"kaiming_normal(a={a}, mode={mode!r}, nonlinearity={nonlinearity!r})")
+
+
+# ----- in place, as torch.nn.init: applied to a parameter (or the array a module shows for it) -------------
+def _fill(target, init: Initializer):
+    """Draw new values for ``target`` with ``init`` and return it. ``target`` is an ``lm.Parameter`` or the
+    array a module shows for one (``module.weight`` inside ``model.apply(fn)``); its own initializer, used by
+    ``reinitialize()``, is kept."""
+    p = target if hasattr(target, "initialize") else context.parameter_of(target)
+    if p is None:
+        raise TypeError(f"{init!r}: expected an lm.Parameter or a parameter's array (module.weight), got "
+                        f"{type(target).__name__}; a plain array is not a parameter (wrap it: lm.Parameter(x))")
+    own = p.init
+    try:
+        p.initialize(init)
+    finally:
+        p.init = own
+    return target if hasattr(target, "initialize") else p.value
+
+
+def zeros_(param):
+    """Fill with zeros, in place (``torch.nn.init.zeros_``). Returns the new value."""
+    return _fill(param, zeros())
+
+
+def ones_(param):
+    """Fill with ones, in place."""
+    return _fill(param, ones())
+
+
+def constant_(param, value: float):
+    """Fill with ``value``, in place."""
+    return _fill(param, constant(value))
+
+
+def normal_(param, mean: float = 0.0, std: float = 1.0):
+    """Draw from N(mean, std**2), in place (``torch.nn.init.normal_``)."""
+    return _fill(param, normal(mean, std))
+
+
+def uniform_(param, a: float = 0.0, b: float = 1.0):
+    """Draw from U[a, b), in place (``torch.nn.init.uniform_``)."""
+    return _fill(param, uniform(a, b))
+
+
+def xavier_uniform_(param, gain: float = 1.0):
+    """Glorot uniform, in place (fans by Lamina's layout rules: see ``fans``)."""
+    return _fill(param, xavier_uniform(gain))
+
+
+def xavier_normal_(param, gain: float = 1.0):
+    """Glorot normal, in place."""
+    return _fill(param, xavier_normal(gain))
+
+
+def kaiming_uniform_(param, a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "relu"):
+    """He uniform, in place."""
+    return _fill(param, kaiming_uniform(a, mode, nonlinearity))
+
+
+def kaiming_normal_(param, a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "relu"):
+    """He normal, in place."""
+    return _fill(param, kaiming_normal(a, mode, nonlinearity))

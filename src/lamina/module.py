@@ -166,8 +166,10 @@ class Module:
             _reraise(self, e, args)
 
     def _convert_inputs(self, args) -> tuple:
-        """Native arrays pass; NumPy arrays and lists become arrays of this module's backend (floating
-        ones as float32); an array of another framework is an error naming both."""
+        """Native arrays pass; NumPy arrays and lists of numbers become arrays of this module's backend
+        (floating ones as float32); other lists, tuples and dicts are containers whose arrays are converted
+        (a decoder's ``[enc_outputs, valid_lens, [None] * n]`` stays a list); an array of another framework
+        is an error naming both."""
         b = self._backend
         out = []
         for a in args:
@@ -177,22 +179,32 @@ class Module:
             elif b.is_native(a):
                 b.native_types.add(t)  # a tracer or subclass: remember it for the fast path
                 out.append(a)
-            elif isinstance(a, np.ndarray | np.generic | list):
-                arr = np.asarray(a)
-                if arr.dtype.kind not in "biufc":
-                    out.append(a)
-                    continue
-                if arr.dtype == np.float64:
-                    arr = arr.astype(np.float32)
-                out.append(b.from_numpy(arr, self._device))
-            elif (other := backend_of(a)) is not None:
-                raise BackendError(
-                    f"{type(self).__name__} lives on the {b.name} backend but got a {other.array_name}; "
-                    f"pass a {b.array_name} (or a NumPy array), or move the model with "
-                    f"model.to(backend={other.name!r})")
             else:
-                out.append(a)
+                out.append(self._convert_one(a))
         return tuple(out)
+
+    def _convert_one(self, a):
+        b = self._backend
+        if isinstance(a, list | tuple | dict):
+            if isinstance(a, list) and _numbers_only(a):
+                return self._convert_one(np.asarray(a))
+            items = a.items() if isinstance(a, dict) else enumerate(a)
+            new = {k: v if type(v) in b.native_types else self._convert_one(v) for k, v in items}
+            return new if isinstance(a, dict) else type(a)(new.values()) if type(a) in (list, tuple) else a
+        if isinstance(a, np.ndarray | np.generic):
+            if a.dtype.kind not in "biufc":
+                return a
+            if a.dtype == np.float64:
+                a = a.astype(np.float32)
+            return b.from_numpy(np.asarray(a), self._device)
+        if b.is_native(a):
+            return a
+        if (other := backend_of(a)) is not None:
+            raise BackendError(
+                f"{type(self).__name__} lives on the {b.name} backend but got a {other.array_name}; "
+                f"pass a {b.array_name} (or a NumPy array), or move the model with "
+                f"model.to(backend={other.name!r})")
+        return a
 
     def convert_inputs(self, *args) -> tuple:
         """The inputs as ``forward`` would receive them: arrays of this module's backend pass; NumPy arrays
@@ -763,6 +775,12 @@ class ModuleDict(Module):
 
     def forward(self, *args):
         raise NotImplementedError(f"{type(self).__name__} only holds layers; call them by key")
+
+
+def _numbers_only(items: list) -> bool:
+    """True for a (nested) list of plain Python numbers: ``[1.0, 2.0]``, ``[[1, 2], [3, 4]]``."""
+    return all(type(v) in (int, float, bool, complex) or (type(v) is list and _numbers_only(v)) for v in items) \
+        and len(items) > 0
 
 
 def _holds_modules(value) -> bool:

@@ -90,6 +90,19 @@ class Parameter:
         self._backend = None
         self._device = None
 
+    @staticmethod
+    def of(array) -> Parameter | None:
+        """The parameter whose current value is ``array`` (what ``module.weight`` gives inside ``forward``
+        or ``apply``), or None.
+
+        >>> import lamina as lm
+        >>> lm.set_backend("numpy"); layer = lm.Linear(2, 3)
+        <lamina backend 'numpy'>
+        >>> lm.Parameter.of(layer.weight) is layer.get_parameter("weight")
+        True
+        """
+        return context.parameter_of(array)
+
     @property
     def is_buffer(self) -> bool:
         """True for a ``Buffer`` (never trained; saved unless ``persistent=False``)."""
@@ -290,8 +303,11 @@ class Parameter:
     def _set_value(self, array) -> None:
         if not self._is_buffer:
             array = self.backend.make_parameter(array, self.trainable)
-        if self._value is not None:
-            array = self.backend.assign(self._value, array)
+        old = self._value
+        if old is not None:
+            array = self.backend.assign(old, array)
+        if array is not old:
+            context.note_value(old, array, self)
         self._value = array
         self._grad = None
         self.show()
