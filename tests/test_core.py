@@ -13,7 +13,7 @@ import pytest
 import lamina as lm
 from lamina import context
 
-from conftest import MyLinear, rand, to_np
+from conftest import BACKENDS, MyLinear, rand, to_np
 
 
 # ----- one keeper: Parameter.set_value ------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_to_takes_a_device_positionally(backend):
         layer.to(backend="nope")
 
 
-@pytest.mark.skipif(not {"torch", "jax"} <= set(lm.available_backends()), reason="needs torch and jax")
+@pytest.mark.skipif(not {"torch", "jax"} <= set(BACKENDS), reason="needs torch and jax")
 def test_moving_between_backends_copies_so_training_never_writes_under_a_held_array():
     lm.set_backend("jax")
     layer = lm.Linear(3, 2)
@@ -252,7 +252,7 @@ def test_in_place_initializers_inside_apply(backend):
 
 def test_in_place_initializers_give_the_same_values_on_every_backend():
     values = []
-    for name in lm.available_backends():
+    for name in BACKENDS:
         lm.set_backend(name)
         lm.manual_seed(7)
         layer = lm.Linear(3, 4)

@@ -6,23 +6,24 @@ import lamina as lm
 
 def test_import_lamina_imports_no_backend():
     code = ("import sys, lamina, lamina.ops, lamina.init; "
-            "print(sorted(m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'jax', 'jaxlib', 'tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_backend_is_imported_on_first_use_only():
     code = ("import sys, lamina as lm; import numpy as np; lm.set_backend('numpy'); "
-            "lm.Linear(3, 2)(np.ones((1, 3), 'float32')); print('torch' in sys.modules, 'jax' in sys.modules)")
+            "lm.Linear(3, 2)(np.ones((1, 3), 'float32')); "
+            "print('torch' in sys.modules, 'jax' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
 
 
 def test_public_api_is_pinned():
     assert sorted(lm.__all__) == sorted([
         "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
         "set_backend", "get_backend", "backend_of", "available_backends", "devices",
-        "save", "load", "load_into",
+        "save", "load", "load_into", "export",
         "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint",
         "losses", "optim", "testing",
         "functional_call", "value_and_grad",

@@ -2,7 +2,7 @@
 
 A backend's library is imported the first time that backend is used, never by ``import lamina``.
 The current backend is, in order: the last ``set_backend(name)``, the ``LAMINA_BACKEND`` environment
-variable, the first installed of torch, jax and numpy.
+variable, the first installed of torch, jax, tensorflow and numpy.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from .base import Backend
 
 __all__ = ["Backend", "get_backend", "set_backend", "devices", "backend_of", "available_backends", "BACKENDS"]
 
-BACKENDS = ("torch", "jax", "numpy")
-_CLASSES = {"numpy": ("numpy", "NumpyBackend"), "torch": ("torch", "TorchBackend"), "jax": ("jax", "JaxBackend")}
+BACKENDS = ("torch", "jax", "tensorflow", "numpy")
+_CLASSES = {"numpy": ("numpy", "NumpyBackend"), "torch": ("torch", "TorchBackend"), "jax": ("jax", "JaxBackend"),
+            "tensorflow": ("tensorflow", "TensorflowBackend")}
 # which backend owns an array, by the top-level package of the array's type
-_PACKAGE_TO_BACKEND = {"numpy": "numpy", "torch": "torch", "jax": "jax", "jaxlib": "jax"}
+_PACKAGE_TO_BACKEND = {"numpy": "numpy", "torch": "torch", "jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow"}
 
 _loaded: dict[str, Backend] = {}
 _current: str | None = None
@@ -54,7 +55,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
 
 def set_backend(name: str) -> Backend:
-    """Choose the backend for modules created from now on (``"torch"``, ``"jax"`` or ``"numpy"``).
+    """Choose the backend for modules created from now on (``"torch"``, ``"jax"``, ``"tensorflow"`` or ``"numpy"``).
 
     Existing modules keep theirs; move one with ``model.to(backend=...)``.
 
