@@ -22,6 +22,7 @@ from .errors import (
                      ShapeError,
                      UninitializedParameterError,
 )
+from .export import export
 from .functional import functional_call, value_and_grad
 from .init import manual_seed
 from .layers import (
@@ -70,6 +71,8 @@ __all__ = [
     "set_backend", "get_backend", "backend_of", "available_backends", "devices",
     # checkpoints
     "save", "load", "load_into",
+    # serving
+    "export",
     # training
     "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint",
     # pure functions and gradients
