@@ -7,7 +7,7 @@ import pytest
 
 import lamina as lm
 
-from conftest import GRAD_BACKENDS, rand, to_np
+from conftest import BACKENDS, GRAD_BACKENDS, rand, to_np
 
 
 def on(backend, x):
@@ -66,7 +66,7 @@ def test_ops_agree_with_torch_functional():
     F = torch.nn.functional
     x = rand(4, 7) * 3
     t = torch.from_numpy(x)
-    for backend in lm.available_backends():
+    for backend in BACKENDS:
         xb = on(backend, x)
         pairs = [(lm.ops.gelu(xb), F.gelu(t)), (lm.ops.log_softmax(xb), F.log_softmax(t, -1)),
                  (lm.ops.leaky_relu(xb, 0.1), F.leaky_relu(t, 0.1)), (lm.ops.softmax(xb), F.softmax(t, -1))]
@@ -119,14 +119,26 @@ def test_dropout_semantics(backend):
         lm.ops.dropout(x, 1.5)
 
 
-def test_jax_dropout_needs_a_key_and_is_reproducible():
-    if "jax" not in lm.available_backends():
+def test_dropout_without_a_key_draws_one_through_lamina_random(backend):
+    x = on(backend, np.ones((20, 20), np.float32))
+    lm.manual_seed(3)
+    first = to_np(lm.ops.dropout(x, 0.5))
+    second = to_np(lm.ops.dropout(x, 0.5))
+    lm.manual_seed(3)
+    np.testing.assert_array_equal(to_np(lm.ops.dropout(x, 0.5)), first)  # reproducible from the seed
+    assert (first != second).any()  # a fresh key each call
+    with lm.random.key_scope(7):  # inside a scope (a compiled step opens one) the keys come from it
+        a = to_np(lm.ops.dropout(x, 0.5))
+    with lm.random.key_scope(7):
+        np.testing.assert_array_equal(to_np(lm.ops.dropout(x, 0.5)), a)
+
+
+def test_jax_dropout_with_a_key_is_reproducible_under_jit():
+    if "jax" not in BACKENDS:
         pytest.skip("jax not installed")
     import jax
 
     x = on("jax", np.ones((10, 10), np.float32))
-    with pytest.raises(lm.BackendError, match="needs a random key"):
-        lm.ops.dropout(x, 0.5)
     a = lm.ops.dropout(x, 0.5, key=jax.random.key(1))
     b = jax.jit(lambda v, k: lm.ops.dropout(v, 0.5, key=k))(x, jax.random.key(1))
     np.testing.assert_array_equal(to_np(a), to_np(b))

@@ -79,6 +79,10 @@ class Backend:
         another device). Checkpoint loading reads file bytes straight into it."""
         return None
 
+    def mark_written(self, x) -> None:
+        """Say that ``x``'s memory was just written through ``host_view`` (torch bumps the tensor's version
+        counter, so autograd refuses a backward pass through a graph that saw the old values)."""
+
     def set_trainable(self, value, flag: bool) -> None:
         """Switch gradient tracking of a parameter's value on or off (only torch tracks it on arrays)."""
 
@@ -123,23 +127,6 @@ class Backend:
             "train on torch or jax (lm.set_backend('torch') or model.to(backend='jax')) and load the "
             "weights here for inference"
         )
-
-    # ----- training ----------------------------------------------------------------------------------
-    #: how many train steps ``fit`` runs per call into the backend when the step offers ``step.many``
-    steps_per_call = 1
-
-    def optimizer(self, kind: str, hyper: dict):
-        """This backend's implementation of an optimizer (see ``lamina.optim``)."""
-        raise self._cannot_train()
-
-    def train_step(self, model, loss_fn, optimizer, compile: bool | None, outputs: bool = True):
-        """A function ``step(x, y, lr) -> (loss, outputs)`` that does one forward, backward and update
-        (``outputs=False``: the outputs are not kept, and ``None`` is returned in their place)."""
-        raise self._cannot_train()
-
-    def _cannot_train(self) -> BackendError:
-        return BackendError(f"the {self.name} backend cannot train (it has no automatic differentiation); "
-                            "train on torch or jax and load the weights here")
 
     # ----- ops: generic Array-API versions; backends override the hot ones --------------------------
     def relu(self, x):
@@ -213,6 +200,13 @@ class Backend:
     # ----- losses and metrics (means over the batch) ----------------------------------------------------
     def is_integral(self, x) -> bool:
         return self.xp.isdtype(x.dtype, "integral")
+
+    def value_range(self, x) -> tuple | None:
+        """``(min, max)`` of ``x`` as Python numbers, read on the host; None where the values cannot be read
+        now (a tracer) or there are none. Used to check indices and labels before a kernel sees them."""
+        if self.is_traced(x) or math.prod(x.shape) == 0:
+            return None
+        return self.xp.min(x).item(), self.xp.max(x).item()
 
     def cross_entropy(self, logits, labels):
         xp = self.xp

@@ -115,3 +115,6 @@ class NumpyBackend(Backend):
 
     def embedding(self, weight, indices):
         return weight[indices]
+
+    def value_range(self, x):
+        return (x.min().item(), x.max().item()) if x.size else None

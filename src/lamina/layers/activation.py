@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import ops
 from ..module import Module
 
 
@@ -9,7 +10,7 @@ class ReLU(Module):
     """max(x, 0) elementwise."""
 
     def forward(self, x):
-        return self._backend.relu(x)
+        return ops.relu(x)
 
 
 class LeakyReLU(Module):
@@ -20,7 +21,7 @@ class LeakyReLU(Module):
         self.negative_slope = negative_slope
 
     def forward(self, x):
-        return self._backend.leaky_relu(x, self.negative_slope)
+        return ops.leaky_relu(x, self.negative_slope)
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
@@ -30,14 +31,14 @@ class Sigmoid(Module):
     """1 / (1 + exp(-x))."""
 
     def forward(self, x):
-        return self._backend.sigmoid(x)
+        return ops.sigmoid(x)
 
 
 class Tanh(Module):
     """tanh(x)."""
 
     def forward(self, x):
-        return self._backend.tanh(x)
+        return ops.tanh(x)
 
 
 class GELU(Module):
@@ -48,7 +49,7 @@ class GELU(Module):
         self.approximate = approximate
 
     def forward(self, x):
-        return self._backend.gelu(x, self.approximate)
+        return ops.gelu(x, self.approximate)
 
     def extra_repr(self):
         return "approximate=True" if self.approximate else ""
@@ -62,7 +63,7 @@ class Softmax(Module):
         self.axis = axis
 
     def forward(self, x):
-        return self._backend.softmax(x, self.axis)
+        return ops.softmax(x, self.axis)
 
     def extra_repr(self):
         return f"axis={self.axis}"
@@ -72,4 +73,4 @@ class LogSoftmax(Softmax):
     """Log of the softmax along ``axis``, computed stably."""
 
     def forward(self, x):
-        return self._backend.log_softmax(x, self.axis)
+        return ops.log_softmax(x, self.axis)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .. import init as _init
+from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
@@ -40,11 +41,9 @@ class MultiHeadAttention(Module):
         self.out_proj_bias = Parameter((e,), init=_init.zeros()) if bias else None
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, causal: bool = False):
-        key = query if key is None else key
-        value = key if value is None else value
-        if key_padding_mask is not None:
-            key_padding_mask = self._convert_inputs((key_padding_mask,))[0]
-        b, xp = self._backend, self._backend.xp
+        key = query if key is None else ops.asarray(key, like=query)  # keywords arrive unconverted
+        value = key if value is None else ops.asarray(value, like=query)
+        xp = ops.namespace(query)
         e, h = self.embed_dim, self.num_heads
         w, bias = self.in_proj_weight, self.in_proj_bias
 
@@ -54,15 +53,20 @@ class MultiHeadAttention(Module):
             return xp.reshape(y, (x.shape[0], x.shape[1], h, e // h))
 
         q, k, v = project(query, 0), project(key, 1), project(value, 2)
-        mask = b.attention_mask(key_padding_mask, causal, q.shape[0], q.shape[1], k.shape[1])
-        out = xp.reshape(b.attention(q, k, v, mask), (query.shape[0], query.shape[1], e))
+        mask = ops.attention_mask(q, k, key_padding_mask, causal)
+        out = xp.reshape(ops.attention(q, k, v, mask), (query.shape[0], query.shape[1], e))
         out = out @ xp.permute_dims(self.out_proj_weight, (1, 0))
         return out if self.out_proj_bias is None else out + self.out_proj_bias
 
     def diagnose(self, args):
-        shape = tuple(getattr(args[0], "shape", ())) if args else ()
-        if len(shape) != 3 or shape[-1] != self.embed_dim:
-            return ShapeError(self, f"expects (N, L, {self.embed_dim}) inputs, got shape {shape}")
+        shapes = [tuple(getattr(a, "shape", ())) for a in args[:3] if a is not None]
+        for shape in shapes:
+            if len(shape) != 3 or shape[-1] != self.embed_dim:
+                return ShapeError(self, f"expects query, key and value of shape (N, L, {self.embed_dim}), got "
+                                  f"shapes {', '.join(map(str, shapes))}")
+        if len(shapes) > 1 and (shapes[1][0] != shapes[0][0] or (len(shapes) > 2 and shapes[2][:2] != shapes[1][:2])):
+            return ShapeError(self, f"expects key and value (N, Lk, E) with the query's N, got shapes "
+                              f"{', '.join(map(str, shapes))}")
         return super().diagnose(args)
 
     def extra_repr(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import init as _init
+from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Buffer, Parameter
@@ -25,7 +26,7 @@ class _BatchNorm(Module):
 
     @property
     def num_features(self) -> int | None:
-        return self._params["running_mean"].shape[0]
+        return self.get_parameter("running_mean").shape[0]
 
     def build(self, input_shape):
         if len(input_shape) not in self._ranks:
@@ -34,14 +35,13 @@ class _BatchNorm(Module):
         c = input_shape[1]
         if self.num_features is not None and c != self.num_features:
             raise ShapeError(self, f"was built for {self.num_features} channels, got shape {tuple(input_shape)}")
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            p = self._params.get(name)
-            if p is not None and not p.is_built:
+        for name, p in [*self.named_parameters(), *self.named_buffers()]:
+            if name in ("weight", "bias", "running_mean", "running_var") and not p.is_built:
                 p.materialize((c,))
 
     def forward(self, x):
-        y, mean, var = self._backend.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                                self.training, self.momentum, self.eps)
+        y, mean, var = ops.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                      self.training, self.momentum, self.eps)
         if self.training:
             self.running_mean = mean
             self.running_var = var

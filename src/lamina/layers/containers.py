@@ -6,7 +6,7 @@ A plain list, tuple or dict of layers assigned to a module attribute becomes a `
 
 from __future__ import annotations
 
-from ..module import Module, ModuleDict, ModuleList
+from ..module import ModuleDict, ModuleList
 
 __all__ = ["Sequential", "ModuleList", "ModuleDict"]
 
@@ -29,6 +29,6 @@ class Sequential(ModuleList):
         super().__init__(layers)
 
     def forward(self, x):
-        for layer in self._seq:
+        for layer in self:
             x = layer(x)
         return x

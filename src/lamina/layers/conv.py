@@ -23,9 +23,9 @@ class _ConvNd(Module):
         if not isinstance(groups, int) or groups <= 0 or out_channels % groups:
             raise ValueError(f"{type(self).__name__}: groups={groups!r} must be a positive int dividing "
                              f"out_channels={out_channels}")
-        self.kernel_size = ops._tuple(kernel_size, n, "kernel_size")
-        self.stride = ops._tuple(stride, n, "stride")
-        self.dilation = ops._tuple(dilation, n, "dilation")
+        self.kernel_size = ops.int_tuple(kernel_size, n, "kernel_size")
+        self.stride = ops.int_tuple(stride, n, "stride")
+        self.dilation = ops.int_tuple(dilation, n, "dilation")
         self.padding = padding
         self._pads = ops.resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.groups = groups
@@ -39,7 +39,7 @@ class _ConvNd(Module):
 
     @property
     def in_channels(self) -> int | None:
-        cin = self._params["weight"].shape[1]
+        cin = self.get_parameter("weight").shape[1]
         return None if cin is None else cin * self.groups
 
     def build(self, input_shape):
@@ -55,7 +55,7 @@ class _ConvNd(Module):
             raise self._channels_error(input_shape)
 
     def forward(self, x):
-        return self._backend.conv(x, self.weight, self.bias, self.stride, self._pads, self.dilation, self.groups)
+        return ops.conv(x, self.weight, self.bias, self.stride, self._pads, self.dilation, self.groups)
 
     def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import random
+from .. import ops
 from ..module import Module
 
 
@@ -28,7 +28,7 @@ class Dropout(Module):
     def forward(self, x):
         if not self.training or self.rate == 0.0:
             return x
-        return self._backend.dropout(x, self.rate, True, random.next_key(self._backend))
+        return ops.dropout(x, self.rate)  # the key comes from lamina.random (see ops.dropout)
 
     def extra_repr(self):
         return f"rate={self.rate}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import init as _init
+from .. import ops
 from ..module import Module
 from ..parameter import Parameter
 
@@ -10,8 +11,9 @@ from ..parameter import Parameter
 class Embedding(Module):
     """Rows of a (num_embeddings, dim) table for integer indices: (...) -> (..., dim).
 
-    Default initializer N(0, 1), as torch. Out-of-range indices are an error on torch and numpy; jax
-    cannot raise inside compiled code, so there they give NaN rows rather than a silently clamped one.
+    Default initializer N(0, 1), as torch. Indices must be integers (a ``TypeError`` otherwise) in
+    [0, num_embeddings): an index outside is a ``ValueError`` on every backend wherever its value is known;
+    jax cannot raise inside compiled code, so there it gives a NaN row rather than a silently clamped one.
 
     >>> import lamina as lm, numpy as np
     >>> lm.set_backend("numpy"); lm.Embedding(10, 4)(np.array([[1, 2, 3]])).shape
@@ -28,7 +30,7 @@ class Embedding(Module):
         self.weight = Parameter((num_embeddings, dim), init=init or _init.normal())
 
     def forward(self, indices):
-        return self._backend.embedding(self.weight, indices)
+        return ops.embedding(self.weight, indices)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.dim}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import ops
 from ..module import Module
 
 
@@ -28,10 +29,10 @@ class LeadingFourier(Module):
 
     def forward(self, x):
         n = x.shape[-1]
-        coeffs = self._backend.rfft(x)[..., : (n + 1) // 2]
+        coeffs = ops.rfft(x)[..., : (n + 1) // 2]
         if not self.split:
             return coeffs
-        xp = self._backend.xp
+        xp = ops.namespace(x)
         return xp.concat([xp.real(coeffs), xp.imag(coeffs)], axis=-1)
 
     def extra_repr(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .. import init as _init
+from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
@@ -44,7 +45,7 @@ class Linear(Module):
     @property
     def in_features(self) -> int | None:
         """The input size: known from the constructor, the first input, or a loaded checkpoint."""
-        return self._params["weight"].shape[0]
+        return self.get_parameter("weight").shape[0]
 
     def build(self, input_shape):
         if not input_shape:
@@ -55,7 +56,7 @@ class Linear(Module):
             raise self._shape_error(input_shape)
 
     def forward(self, x):
-        return self._backend.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
     def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
@@ -71,5 +72,5 @@ class Linear(Module):
 
     def extra_repr(self) -> str:
         i = "?" if self.in_features is None else self.in_features
-        return f"{i} -> {self.out_features}" + ("" if self.bias is not None or "bias" in self._params
-                                               else ", bias=False")
+        has_bias = any(name == "bias" for name, _ in self.named_parameters())
+        return f"{i} -> {self.out_features}" + ("" if has_bias else ", bias=False")

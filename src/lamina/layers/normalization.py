@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .. import init as _init
+from .. import ops
+from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
 
@@ -25,13 +27,13 @@ class LayerNorm(Module):
         self.bias = Parameter((features,), init=_init.zeros()) if affine else None
 
     def build(self, input_shape):
-        for name in ("weight", "bias"):
-            p = self._params.get(name)
-            if p is not None and not p.is_built:
-                p.materialize((input_shape[-1],))
+        _build_last_axis(self, input_shape)
 
     def forward(self, x):
-        return self._backend.layer_norm(x, self.weight, self.bias, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def diagnose(self, args):
+        return _last_axis_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"eps={self.eps}"
@@ -47,12 +49,31 @@ class RMSNorm(Module):
         self.weight = Parameter((features,), init=_init.ones()) if affine else None
 
     def build(self, input_shape):
-        p = self._params.get("weight")
-        if p is not None and not p.is_built:
-            p.materialize((input_shape[-1],))
+        _build_last_axis(self, input_shape)
 
     def forward(self, x):
-        return self._backend.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def diagnose(self, args):
+        return _last_axis_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"eps={self.eps}"
+
+
+def _build_last_axis(layer, input_shape):
+    if not input_shape:
+        raise ShapeError(layer, "expects inputs with at least one axis (..., features), got a scalar")
+    for _, p in layer.named_parameters():
+        if not p.is_built:
+            p.materialize((input_shape[-1],))
+        elif p.shape[0] != input_shape[-1]:
+            raise ShapeError(layer, f"was built for {p.shape[0]} features, got shape {tuple(input_shape)}")
+
+
+def _last_axis_error(layer, args):
+    shape = tuple(getattr(args[0], "shape", ())) if args else ()
+    for _, p in layer.named_parameters():
+        if p.is_built and (not shape or shape[-1] != p.shape[0]):
+            return ShapeError(layer, f"expected input with last axis {p.shape[0]}, got shape {shape}")
+    return None

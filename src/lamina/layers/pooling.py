@@ -12,8 +12,8 @@ class _PoolNd(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = ops._tuple(kernel_size, self._n, "kernel_size")
-        self.stride = self.kernel_size if stride is None else ops._tuple(stride, self._n, "stride")
+        self.kernel_size = ops.int_tuple(kernel_size, self._n, "kernel_size")
+        self.stride = self.kernel_size if stride is None else ops.int_tuple(stride, self._n, "stride")
         pads = ops.resolve_padding(padding, self.kernel_size, self.stride, (1,) * self._n)
         if any(lo > k // 2 for (lo, _), k in zip(pads, self.kernel_size)):
             raise ValueError(f"{type(self).__name__}: padding {padding!r} must be at most half the kernel size "
@@ -21,7 +21,7 @@ class _PoolNd(Module):
         self.padding, self._pads = padding, pads
 
     def forward(self, x):
-        return self._backend.pool(x, self._kind, self.kernel_size, self.stride, self._pads)
+        return ops.pool(x, self._kind, self.kernel_size, self.stride, self._pads)
 
     def diagnose(self, args):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
@@ -74,4 +74,4 @@ class GlobalAvgPool(Module):
     """
 
     def forward(self, x):
-        return self._backend.xp.mean(x, axis=tuple(range(2, x.ndim)))
+        return ops.namespace(x).mean(x, axis=tuple(range(2, x.ndim)))

@@ -3,9 +3,10 @@
 Parameter names, layouts and gate orders are torch's (``weight_ih_l0`` (gates * H, in), ``weight_hh_l0``,
 ``bias_ih_l0``, ``bias_hh_l0``, ...), so a ``torch.nn`` state dict maps one to one. Where the backend has a
 fused kernel (torch: ``torch.lstm`` & co., what ``torch.nn.LSTM`` runs) the whole stack is one call;
-elsewhere the input projection of every time step is one matmul and the recurrence runs through the
-backend's ``scan``, which is ``jax.lax.scan`` under jax, so a compiled step does not grow with the
-sequence length.
+elsewhere the input projection of every time step is one matmul and the recurrence runs through
+``lm.ops.scan``, which is ``jax.lax.scan`` under jax, so a compiled step does not grow with the
+sequence length. Both are ``lm.ops.recurrent``, which checks the input and state sizes before any
+kernel runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 
 from .. import init as _init
+from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
@@ -25,6 +27,7 @@ def _uniform_by_hidden(hidden: int):
 
 class _Recurrent(Module):
     _gates = 1
+    _kind = ""
 
     def __init__(self, hidden_size: int, num_layers: int = 1, *, input_size: int | None = None, bias: bool = True):
         super().__init__()
@@ -43,7 +46,8 @@ class _Recurrent(Module):
 
     @property
     def input_size(self) -> int | None:
-        return self._params["weight_ih_l0"].shape[1]
+        """The number of input features: given, inferred from the first input, or from a loaded checkpoint."""
+        return self.get_parameter("weight_ih_l0").shape[1]
 
     def build(self, input_shape, *state_shapes):
         if len(input_shape) != 3:
@@ -53,42 +57,40 @@ class _Recurrent(Module):
         elif input_shape[-1] != self.input_size:
             raise ShapeError(self, f"expected input with last axis {self.input_size}, got shape {tuple(input_shape)}")
 
-    def _layer(self, k: int):
-        d = self.__dict__
-        return (d[f"weight_ih_l{k}"], d[f"weight_hh_l{k}"], d.get(f"bias_ih_l{k}"), d.get(f"bias_hh_l{k}"))
+    def _weights(self) -> list:
+        """Per layer (w_ih, w_hh, b_ih, b_hh), the biases None without ``bias``: what ``ops.recurrent`` takes."""
+        return [(getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
+                 getattr(self, f"bias_ih_l{k}", None), getattr(self, f"bias_hh_l{k}", None))
+                for k in range(self.num_layers)]
 
-    def _run(self, x, state0, cell):
-        """Every layer over the sequence: x (N, T, F) -> outputs (N, T, H), final states per layer."""
-        xp = self._backend.xp
-        finals = []
-        for k in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._layer(k)
-            proj = x @ xp.permute_dims(w_ih, (1, 0))
-            if b_ih is not None:
-                proj = proj + b_ih
-            w_hh_t = xp.permute_dims(w_hh, (1, 0))
+    def _run(self, x, state):
+        try:
+            return ops.recurrent(x, self._weights(), state, self._kind)
+        except ValueError as e:  # sizes that do not fit: say so in the layer's terms
+            better = self._size_error(x, state)
+            if better is None:
+                raise
+            raise better from e
 
-            def step(carry, p_t, w_hh_t=w_hh_t, b_hh=b_hh):
-                return cell(carry, p_t, w_hh_t, b_hh)
+    def _size_error(self, x, state):
+        """A ShapeError naming what this layer was built for, or None when the sizes fit."""
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 3 or shape[-1] != self.input_size:
+            return ShapeError(self, f"was built for {self.input_size} input features: expected input (N, T, "
+                              f"{self.input_size}), got shape {shape}. Feed (N, T, {self.input_size}) inputs, or "
+                              f"create a new {type(self).__name__}({self.hidden_size}) to infer the size.")
+        expected = (self.num_layers, shape[0], self.hidden_size)
+        states = () if state is None else tuple(state) if self._kind == "lstm" else (state,)
+        for s in states:
+            got = tuple(getattr(s, "shape", ()))
+            if got != expected:
+                return ShapeError(self, f"expected each state of shape (num_layers, N, hidden_size) = {expected}, "
+                                  f"got {got}")
+        return None
 
-            carry, ys = self._backend.scan(step, state0(k, x), xp.permute_dims(proj, (1, 0, 2)))
-            finals.append(carry)
-            x = xp.permute_dims(ys, (1, 0, 2))
-        return x, finals
-
-    def _fused(self, kind: str, x, state):
-        """The backend's native kernel for the whole stack, or None (then the cell runs through scan)."""
-        weights = []
-        for k in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._layer(k)
-            weights += [w_ih, w_hh] + ([b_ih, b_hh] if self.bias else [])
-        return self._backend.fused_recurrent(kind, x, state, weights, self.num_layers, self.bias)
-
-    def _zero_state(self, x):
-        return self._backend.xp.zeros((self.num_layers, x.shape[0], self.hidden_size), dtype=x.dtype)
-
-    def _zeros(self, x):
-        return self._backend.xp.zeros((x.shape[0], self.hidden_size), dtype=x.dtype)
+    def diagnose(self, args):
+        return (self._size_error(args[0], args[1] if len(args) > 1 else None) if args else None) or \
+            super().diagnose(args)
 
     def extra_repr(self):
         i = "?" if self.input_size is None else self.input_size
@@ -114,21 +116,10 @@ class RNN(_Recurrent):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(hidden_size, num_layers, input_size=input_size, bias=bias)
         self.nonlinearity = nonlinearity
+        self._kind = f"rnn_{nonlinearity}"
 
     def forward(self, x, h0=None):
-        b = self._backend
-        fused = self._fused(f"rnn_{self.nonlinearity}", x, self._zero_state(x) if h0 is None else h0)
-        if fused is not None:
-            return fused
-        act = b.tanh if self.nonlinearity == "tanh" else b.relu
-
-        def cell(h, p_t, w_hh_t, b_hh):
-            z = p_t + h @ w_hh_t
-            h = act(z if b_hh is None else z + b_hh)
-            return h, h
-
-        out, finals = self._run(x, lambda k, x: self._zeros(x) if h0 is None else h0[k], cell)
-        return out, b.xp.stack(finals)
+        return self._run(x, h0)
 
 
 class GRU(_Recurrent):
@@ -138,58 +129,19 @@ class GRU(_Recurrent):
     ``forward(x, h0=None)`` returns (outputs (N, T, H), h_n (num_layers, N, H))."""
 
     _gates = 3
+    _kind = "gru"
 
     def forward(self, x, h0=None):
-        b = self._backend
-        fused = self._fused("gru", x, self._zero_state(x) if h0 is None else h0)
-        if fused is not None:
-            return fused
-        H = self.hidden_size
-
-        def cell(h, p_t, w_hh_t, b_hh):
-            hh = h @ w_hh_t
-            if b_hh is not None:
-                hh = hh + b_hh
-            r = b.sigmoid(p_t[:, :H] + hh[:, :H])
-            z = b.sigmoid(p_t[:, H:2 * H] + hh[:, H:2 * H])
-            n = b.tanh(p_t[:, 2 * H:] + r * hh[:, 2 * H:])
-            h = (1 - z) * n + z * h
-            return h, h
-
-        out, finals = self._run(x, lambda k, x: self._zeros(x) if h0 is None else h0[k], cell)
-        return out, b.xp.stack(finals)
+        return self._run(x, h0)
 
 
 class LSTM(_Recurrent):
     """Long short-term memory, torch's gate order (i, f, g, o): c' = f * c + i * g, h' = o * tanh(c').
-    ``forward(x, state=None)`` with state (h0, c0), each (num_layers, N, H), or zeros; returns
-    (outputs (N, T, H), (h_n, c_n))."""
+    ``forward(x, state=None)`` with state (h0, c0), each (num_layers, N, H) (NumPy is fine), or zeros;
+    returns (outputs (N, T, H), (h_n, c_n))."""
 
     _gates = 4
+    _kind = "lstm"
 
     def forward(self, x, state=None):
-        b = self._backend
-        H = self.hidden_size
-        if state is not None:
-            state = self._convert_inputs(tuple(state))  # (h0, c0) may come as NumPy arrays
-        fused = self._fused("lstm", x, (self._zero_state(x), self._zero_state(x)) if state is None else state)
-        if fused is not None:
-            return fused
-
-        def cell(carry, p_t, w_hh_t, b_hh):
-            h, c = carry
-            z = p_t + h @ w_hh_t
-            if b_hh is not None:
-                z = z + b_hh
-            i, f = b.sigmoid(z[:, :H]), b.sigmoid(z[:, H:2 * H])
-            g, o = b.tanh(z[:, 2 * H:3 * H]), b.sigmoid(z[:, 3 * H:])
-            c = f * c + i * g
-            h = o * b.tanh(c)
-            return (h, c), h
-
-        def state0(k, x):
-            return (self._zeros(x), self._zeros(x)) if state is None else (state[0][k], state[1][k])
-
-        out, finals = self._run(x, state0, cell)
-        xp = b.xp
-        return out, (xp.stack([h for h, _ in finals]), xp.stack([c for _, c in finals]))
+        return self._run(x, state)

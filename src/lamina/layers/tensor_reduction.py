@@ -38,7 +38,7 @@ class TensorReduction(Module):
     @property
     def in_features(self) -> int | None:
         """The input size: given, inferred from the first input, or from a loaded checkpoint."""
-        return self._params["weight"].shape[0]
+        return self.get_parameter("weight").shape[0]
 
     def build(self, input_shape):
         n = input_shape[-1] if input_shape else None

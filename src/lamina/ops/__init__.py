@@ -5,6 +5,7 @@ kernel where it is measurably faster (``torch.relu``, ``jax.nn.softmax``, ...), 
 through ``array_api_compat`` otherwise. All of them work under ``torch.autograd``, ``jax.grad`` and
 ``jax.jit``.
 
+- ``ops/core.py``: ``asarray(x, like=)``, ``namespace(x)``, ``int_tuple`` (as ``keras.ops.core``).
 - ``ops/nn.py``: the neural-network ops (activations, linear, conv, pooling, normalization, attention,
   dropout, recurrent kernels, scan, stop_gradient).
 
@@ -13,8 +14,11 @@ through ``array_api_compat`` otherwise. All of them work under ``torch.autograd`
 array([0., 2.])
 """
 
+from .core import *  # noqa: F403
+from .core import __all__ as _core_all
 from .nn import *  # noqa: F403
 from .nn import __all__ as _nn_all
+from .numpy import *  # noqa: F403
+from .numpy import __all__ as _numpy_all
 
-__all__ = [*_nn_all]
-from .nn import _backend, _tuple  # noqa: F401  (temporary: layers/ and losses.py move to public names)
+__all__ = [*_core_all, *_nn_all, *_numpy_all]
