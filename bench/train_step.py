@@ -1,218 +1,301 @@
-"""Training-step throughput: lamina against plain torch.nn + torch.optim and hand-written jax.jit + optax.
+"""Training throughput: lamina's ``fit`` and a user's own loop against the best hand-written loop per backend.
 
-Models: an MLP 784-512-512-10 with ReLU, batch 128, softmax cross-entropy, Adam; and the textbook-sized
-MyLinear(64, 8) -> MyLinear(8, 1), batch 32, mean squared error, Adam, where per-call overhead dominates.
-Each candidate runs the same number of steps per round, interleaved over rounds; the figure is the median
-time per step. "lamina step" is the backend's train step as ``lm.fit`` uses it; "lamina fit" is a whole
-``lm.fit`` epoch over the same batches (batching, loss read-back and bookkeeping included).
-Target: at least 0.95x the steps per second of the plain-torch and hand-written-jax references.
+Workloads (issue 13):
+  mlp   784-512-512-10 with ReLU, batch 128, softmax cross-entropy, Adam
+  tiny  Linear(64, 8) + ReLU -> Linear(8, 1), batch 32, mean squared error, Adam
+  cnn   Conv2d(32, 3) + ReLU, MaxPool 2, Conv2d(64, 3) + ReLU, MaxPool 2, Linear(10); 1x28x28, batch 64, CE, Adam
 
-Run: python bench/train_step.py [--backends torch jax] [--rounds 7] [--steps 30]
-For stable figures pin one core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
+Candidates, per backend:
+  lamina fit          ``lm.fit`` with its defaults over (X, Y) NumPy arrays (shuffling, batching, bookkeeping in)
+  lamina fit k=1      jax only: ``fit(steps_per_call=1)``, one compiled call per step
+  lamina loop         ``lm.value_and_grad`` + ``opt.step(grads)`` (on torch: ``loss.backward()`` + ``opt.step()``)
+  torch Adam()        torch.nn + torch.optim.Adam(), what most users write
+  torch Adam(fused)   torch.nn + torch.optim.Adam(fused=True): the best hand-written torch loop on CPU
+  torch.compile       (with --compile) the fused loop with a torch.compile'd forward + loss
+  jax jit+optax       jax.jit step with donated buffers and optax.adam (when optax is installed)
+  jax jit+adam        the same with a hand-written Adam (always)
+
+Each candidate runs ``--steps`` steps per round over pre-made batches; rounds are interleaved, so machine
+noise hits all alike; the figure is the median time per step, and the ratios (steps per second of lamina
+over the best reference of its backend) are measured in the same run. For the MLP the share of the matmul
+roofline is printed, against a float32 matmul peak measured in the same process. The figures are noisy on
+a shared machine; for stable ones pin a core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
+
+Run: python bench/train_step.py [--backends torch jax] [--workloads mlp tiny cnn] [--rounds 3] [--steps 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-import lamina as lm  # noqa: E402
+import lamina as lm
+
+WORKLOADS = {  # steps: per round, relative to --steps (enough for fit to group 16 steps per call on jax)
+    "mlp": dict(batch=128, shape=(784,), classes=10, loss="ce", steps=1),
+    "tiny": dict(batch=32, shape=(64,), classes=None, loss="mse", steps=10),
+    "cnn": dict(batch=64, shape=(1, 28, 28), classes=10, loss="ce", steps=1),
+}
 
 
-class MyLinear(lm.Module):
-    def __init__(self, in_units, units):
-        super().__init__()
-        self.weight = lm.Parameter((in_units, units), init=lm.init.normal(0, in_units**-0.5))
-        self.bias = lm.Parameter((units,), init=lm.init.zeros())
-
-    def forward(self, X):
-        return lm.ops.relu(X @ self.weight + self.bias)
-
-
-def models():
-    return {
-        "mlp 784-512-512-10, batch 128": (lambda: lm.Sequential(lm.Linear(784, 512), lm.ReLU(), lm.Linear(512, 512),
-                                                                lm.ReLU(), lm.Linear(512, 10)),
-                                          (128, 784), "ce"),
-        "MyLinear(64,8)->MyLinear(8,1), batch 32": (lambda: lm.Sequential(MyLinear(64, 8), MyLinear(8, 1)),
-                                                    (32, 64), "mse"),
-    }
+def lamina_model(name):
+    if name == "mlp":
+        return lm.Sequential(lm.Linear(784, 512), lm.ReLU(), lm.Linear(512, 512), lm.ReLU(), lm.Linear(512, 10))
+    if name == "tiny":
+        return lm.Sequential(lm.Linear(64, 8), lm.ReLU(), lm.Linear(8, 1))
+    return lm.Sequential(lm.Conv2d(32, 3), lm.ReLU(), lm.MaxPool2d(2), lm.Conv2d(64, 3), lm.ReLU(), lm.MaxPool2d(2),
+                         lm.Flatten(), lm.Linear(10))
 
 
-def make_batches(shape, kind, n, seed=0):
+def data(name, steps, seed=0):
+    w = WORKLOADS[name]
     rng = np.random.default_rng(seed)
-    xs = rng.standard_normal((n, *shape)).astype(np.float32)
-    ys = rng.integers(0, 10, (n, shape[0])) if kind == "ce" else rng.standard_normal((n, shape[0], 1)).astype(
-        np.float32)
-    return xs, ys
+    n = w["batch"] * steps
+    x = rng.standard_normal((n, *w["shape"])).astype(np.float32)
+    y = rng.integers(0, w["classes"], n) if w["loss"] == "ce" else rng.standard_normal((n, 1)).astype(np.float32)
+    return x, y
 
 
-def torch_reference(model, kind):
-    """The same model and weights as plain torch.nn modules."""
+def mlp_flops_per_step():
+    b, dims = 128, (784, 512, 512, 10)
+    return 6 * b * sum(i * o for i, o in zip(dims, dims[1:]))  # forward 2, backward 4 flops per multiply-add
+
+
+def matmul_peak():
+    """Float32 GFLOP/s of a 1024^3 matmul on this machine: the best of NumPy's BLAS and torch's, best of 5."""
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    mms = [lambda: a @ a]
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        t = torch.from_numpy(a)
+        mms.append(lambda: t @ t)
+    best = min(_time(mm) for mm in mms for _ in range(6))
+    return 2 * 1024**3 / best / 1e9
+
+
+def _time(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----- lamina ---------------------------------------------------------------------------------------
+def lamina_candidates(backend, name, steps):
+    lm.set_backend(backend)
+    lm.manual_seed(0)
+    x, y = data(name, steps)
+    loss = lm.losses.cross_entropy if WORKLOADS[name]["loss"] == "ce" else lm.losses.mse
+    b = lm.get_backend(backend)
+    batch = WORKLOADS[name]["batch"]
+    out = {}
+
+    def fit_with(**kw):
+        model = lamina_model(name)
+        opt = lm.optim.Adam(model, lr=1e-3)
+        return lambda: lm.fit(model, loss, opt, (x, y), batch_size=batch, progress=False, **kw)
+
+    out["lamina fit"] = fit_with()
+    if backend == "jax":
+        out["lamina fit k=1"] = fit_with(steps_per_call=1)
+
+    model = lamina_model(name)
+    opt = lm.optim.Adam(model, lr=1e-3)
+    bx = [b.from_numpy(x[i * batch:(i + 1) * batch]) for i in range(steps)]
+    by = [b.from_numpy(y[i * batch:(i + 1) * batch]) for i in range(steps)]
+    grad = lm.value_and_grad(lambda m, xb, yb: loss(m(xb), yb))
+
+    def loop():
+        for xb, yb in zip(bx, by):
+            _, grads = grad(model, xb, yb)
+            opt.step(grads)
+        b.to_numpy(model.state_dict()[next(iter(model.state_dict()))])  # wait for the device
+
+    out["lamina loop"] = loop
+    return out
+
+
+# ----- hand-written torch ---------------------------------------------------------------------------
+def torch_candidates(name, steps, compile_too):
     import torch
     from torch import nn
 
-    class Lin(nn.Module):  # (in, out) weights like lamina's, x @ W + b
-        def __init__(self, w, b, relu):
-            super().__init__()
-            self.weight, self.bias, self.relu = nn.Parameter(torch.from_numpy(w.copy())), nn.Parameter(
-                torch.from_numpy(b.copy())), relu
+    torch.manual_seed(0)
+    x, y = data(name, steps)
+    batch = WORKLOADS[name]["batch"]
+    bx = [torch.from_numpy(x[i * batch:(i + 1) * batch]) for i in range(steps)]
+    by = [torch.from_numpy(y[i * batch:(i + 1) * batch]) for i in range(steps)]
+    lossf = nn.functional.cross_entropy if WORKLOADS[name]["loss"] == "ce" else nn.functional.mse_loss
 
-        def forward(self, x):
-            y = torch.addmm(self.bias, x, self.weight)
-            return torch.relu(y) if self.relu else y
+    def net():
+        if name == "mlp":
+            return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        if name == "tiny":
+            return nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 1))
+        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 10))
 
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    layers = []
-    idx = sorted({int(k.split(".")[0]) for k in state})
-    for i in idx:
-        relu = kind == "mse" or (i + 1) in {int(k.split(".")[0]) + 1 for k in state} and i != idx[-1]
-        layers.append(Lin(state[f"{i}.weight"], state[f"{i}.bias"], relu))
-    return nn.Sequential(*layers)
+    def loop_of(fused, compiled=False):
+        m = net()
+        o = torch.optim.Adam(m.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
 
+        def fwd(xb, yb):
+            return lossf(m(xb), yb)
 
-def bench_torch(name, make, shape, kind, steps, rounds):
-    import torch
+        f = torch.compile(fwd) if compiled else fwd
 
-    lm.set_backend("torch")
-    lm.manual_seed(0)
-    loss_fn = lm.losses.cross_entropy if kind == "ce" else lm.losses.mse
-    model = make()
-    opt = lm.optim.Adam(model, lr=1e-3)
-    xs, ys = make_batches(shape, kind, steps)
-    txs, tys = list(torch.from_numpy(xs)), list(torch.from_numpy(ys))
-    step = model._backend.train_step(model, loss_fn, opt, False, outputs=False)
+        def run():
+            for xb, yb in zip(bx, by):
+                o.zero_grad(set_to_none=True)
+                f(xb, yb).backward()
+                o.step()
 
-    ref_default = torch_reference(model, kind)
-    ref_foreach = torch_reference(model, kind)
-    tl = torch.nn.functional.cross_entropy if kind == "ce" else torch.nn.functional.mse_loss
-    opt_default = torch.optim.Adam(ref_default.parameters(), lr=1e-3)  # what most users write
-    opt_foreach = torch.optim.Adam(ref_foreach.parameters(), lr=1e-3, foreach=True)
+        return run
 
-    def run_ref(net, o):
-        for i in range(steps):
-            o.zero_grad(set_to_none=True)
-            tl(net(txs[i]), tys[i]).backward()
-            o.step()
-
-    def run_step():
-        for i in range(steps):
-            step(txs[i], tys[i], 1e-3)
-
-    batches = list(zip(txs, tys))
-
-    def run_fit():
-        lm.fit(model, loss_fn, opt, batches, epochs=1, progress=False)
-
-    cands = {"lamina step": run_step, "lamina fit": run_fit, "torch.nn + Adam()": lambda: run_ref(ref_default,
-             opt_default), "torch.nn + Adam(foreach)": lambda: run_ref(ref_foreach, opt_foreach)}
-    return measure(f"[torch] {name}", cands, steps, rounds,
-                   refs=["torch.nn + Adam()", "torch.nn + Adam(foreach)"])
+    out = {"torch Adam()": loop_of(False), "torch Adam(fused)": loop_of(True)}
+    if compile_too:
+        out["torch.compile"] = loop_of(True, compiled=True)
+    return out
 
 
-def bench_jax(name, make, shape, kind, steps, rounds):
+# ----- hand-written jax -----------------------------------------------------------------------------
+def jax_candidates(name, steps):
     import jax
     import jax.numpy as jnp
-    import optax
 
-    lm.set_backend("jax")
-    lm.manual_seed(0)
-    loss_fn = lm.losses.cross_entropy if kind == "ce" else lm.losses.mse
-    model = make()
-    opt = lm.optim.Adam(model, lr=1e-3)
-    xs, ys = make_batches(shape, kind, steps)
-    jxs, jys = [jnp.asarray(a) for a in xs], [jnp.asarray(a) for a in ys]  # pre-sliced: no slicing op in a step
-    step = model._backend.train_step(model, loss_fn, opt, None, outputs=False)
+    x, y = data(name, steps)
+    batch = WORKLOADS[name]["batch"]
+    bx = [jnp.asarray(x[i * batch:(i + 1) * batch]) for i in range(steps)]
+    by = [jnp.asarray(y[i * batch:(i + 1) * batch]) for i in range(steps)]
+    rng = np.random.default_rng(0)
 
-    params = {k: jnp.array(v) for k, v in model.state_dict().items()}
-    names = sorted({k.split(".")[0] for k in params}, key=int)
-    tx = optax.adam(1e-3)
+    def dense(i, o):
+        return {"w": jnp.asarray(rng.standard_normal((i, o)).astype(np.float32) * i**-0.5), "b": jnp.zeros(o)}
 
-    def forward(p, x):
-        for j, i in enumerate(names):
-            x = x @ p[f"{i}.weight"] + p[f"{i}.bias"]
-            if kind == "mse" or j < len(names) - 1:
-                x = jnp.maximum(x, 0)
-        return x
+    def conv(i, o):
+        return {"w": jnp.asarray(rng.standard_normal((o, i, 3, 3)).astype(np.float32) * (9 * i) ** -0.5),
+                "b": jnp.zeros((1, o, 1, 1))}
 
-    def ref_loss(p, x, y):
-        out = forward(p, x)
-        if kind == "ce":
-            return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-        return ((out - y) ** 2).mean()
+    if name == "mlp":
+        params = [dense(784, 512), dense(512, 512), dense(512, 10)]
+    elif name == "tiny":
+        params = [dense(64, 8), dense(8, 1)]
+    else:
+        params = [conv(1, 32), conv(32, 64), dense(1600, 10)]
 
-    @jax.jit
-    def ref_step(p, s, x, y):
-        loss, g = jax.value_and_grad(ref_loss)(p, x, y)
-        updates, s = tx.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss
+    def forward(p, h):
+        if name == "cnn":
+            for layer in p[:2]:
+                h = jax.lax.conv_general_dilated(h, layer["w"], (1, 1), "VALID",
+                                                 dimension_numbers=("NCHW", "OIHW", "NCHW")) + layer["b"]
+                h = jax.lax.reduce_window(jnp.maximum(h, 0), -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2),
+                                          "VALID")
+            return h.reshape(h.shape[0], -1) @ p[2]["w"] + p[2]["b"]
+        for j, layer in enumerate(p):
+            h = h @ layer["w"] + layer["b"]
+            if j < len(p) - 1:
+                h = jnp.maximum(h, 0)
+        return h
 
-    ref_step = jax.jit(ref_step.__wrapped__, donate_argnums=(0, 1))
-    ref_state = {"p": params, "s": tx.init(params)}
+    def loss(p, xb, yb):
+        out = forward(p, xb)
+        if WORKLOADS[name]["loss"] == "ce":
+            return -jnp.take_along_axis(jax.nn.log_softmax(out), yb[:, None], 1).mean()
+        return ((out - yb) ** 2).mean()
 
-    def run_ref():
-        p, s = ref_state["p"], ref_state["s"]
-        for i in range(steps):
-            p, s, loss = ref_step(p, s, jxs[i], jys[i])
-        loss.block_until_ready()
-        ref_state["p"], ref_state["s"] = p, s
+    def adam_init(p):
+        return (jax.tree_util.tree_map(jnp.zeros_like, p), jax.tree_util.tree_map(jnp.zeros_like, p),
+                jnp.zeros((), jnp.int32))
 
-    def run_step():
-        for i in range(steps):
-            loss, _ = step(jxs[i], jys[i], 1e-3)
-        loss.block_until_ready()
+    def adam_update(g, s, p, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+        m, v, t = s
+        t = t + 1
+        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        p = jax.tree_util.tree_map(lambda p, m, v: p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps), p, m, v)
+        return p, (m, v, t)
 
-    batches = [(jxs[i], jys[i]) for i in range(steps)]
+    def loop_of(init, update):
+        @jax.jit
+        def step(p, s, xb, yb):
+            value, g = jax.value_and_grad(loss)(p, xb, yb)
+            p, s = update(g, s, p)
+            return p, s, value
 
-    def run_fit():
-        lm.fit(model, loss_fn, opt, batches, epochs=1, progress=False)
+        step = jax.jit(step.__wrapped__, donate_argnums=(0, 1))
+        box = {"p": jax.tree_util.tree_map(jnp.array, params)}
+        box["s"] = init(box["p"])
 
-    cands = {"lamina step": run_step, "lamina fit": run_fit, "jax.jit + optax": run_ref}
-    return measure(f"[jax] {name}", cands, steps, rounds, refs=["jax.jit + optax"])
+        def run():
+            p, s = box["p"], box["s"]
+            for xb, yb in zip(bx, by):
+                p, s, value = step(p, s, xb, yb)
+            value.block_until_ready()
+            box["p"], box["s"] = p, s
+
+        return run
+
+    out = {"jax jit+adam": loop_of(adam_init, adam_update)}
+    if importlib.util.find_spec("optax") is not None:
+        import optax
+
+        tx = optax.adam(1e-3)
+
+        def optax_update(g, s, p):
+            updates, s = tx.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        out["jax jit+optax"] = loop_of(tx.init, optax_update)
+    return out
 
 
-def measure(title, cands, steps, rounds, refs):
+# ----- measuring ------------------------------------------------------------------------------------
+def measure(cands, steps, rounds):
     for fn in cands.values():
         fn()  # compile and warm up
     samples = {k: [] for k in cands}
     for _ in range(rounds):
         for k, fn in cands.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append((time.perf_counter() - t0) / steps)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"\n{title}")
-    for k, t in med.items():
-        print(f"  {k:<26} {t * 1e3:8.3f} ms/step  {1 / t:8.1f} steps/s")
-    ratios = {}
-    for ours in ("lamina step", "lamina fit"):
-        for ref in refs:
-            ratios[(ours, ref)] = med[ref] / med[ours]
-            print(f"  {ours} / {ref}: {ratios[(ours, ref)]:.3f}x the steps per second")
-    return ratios
+            samples[k].append(_time(fn) / steps)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backends", nargs="*", default=[b for b in lm.available_backends() if b != "numpy"])
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--backends", nargs="*", default=[b for b in lm.available_backends() if b in ("torch", "jax")],
+                    help="torch and/or jax (the backends with a hand-written reference here)")
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     args = ap.parse_args()
-    summary = []
-    for name, (make, shape, kind) in models().items():
+    peak = matmul_peak()
+    print(f"float32 matmul peak (1024^3, NumPy BLAS): {peak:.0f} GFLOP/s")
+    rows = []
+    for name in args.workloads:
+        steps = args.steps * WORKLOADS[name]["steps"]
         for backend in args.backends:
-            fn = bench_torch if backend == "torch" else bench_jax
-            for (ours, ref), r in fn(name, make, shape, kind, args.steps, args.rounds).items():
-                summary.append((backend, name, ours, ref, r))
-    print("\nSummary (steps per second, lamina / reference; target >= 0.95)")
-    for backend, name, ours, ref, r in summary:
-        print(f"  {backend:<5} {name:<42} {ours:<12} vs {ref:<26} {r:.3f}")
+            cands = lamina_candidates(backend, name, steps)
+            refs = torch_candidates(name, steps, args.compile) if backend == "torch" else jax_candidates(name, steps)
+            times = measure({**cands, **refs}, steps, args.rounds)
+            best = min(refs, key=times.get)
+            print(f"\n[{backend}] {name}   (best hand-written loop: {best})")
+            for k, t in times.items():
+                line = f"  {k:<20} {t * 1e3:9.3f} ms/step {1 / t:9.1f} steps/s"
+                if name == "mlp":
+                    line += f"  {mlp_flops_per_step() / t / 1e9 / peak:6.1%} of peak"
+                if k in cands:
+                    line += f"   {times[best] / t:.2f}x the best"
+                    rows.append((name, backend, k, times[best] / t))
+                print(line)
+    print("\nSummary: steps per second, lamina / the best hand-written loop of its backend (target >= 1.0)")
+    for name, backend, k, r in rows:
+        print(f"  {name:<5} {backend:<6} {k:<16} {r:.2f}")
 
 
 if __name__ == "__main__":

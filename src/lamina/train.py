@@ -1,8 +1,9 @@
 """The training loop: ``fit``, ``evaluate``, ``predict``, a ``History``, and callbacks with named events.
 
-One train step (forward, gradient, update) comes from the model's backend (``backend.train_step``): on
-jax it is a single ``jax.jit`` program, compiled once per batch shape; on torch it runs eagerly, or
-through ``torch.compile`` with ``compile=True``. This file only feeds it batches and keeps the books.
+One train step (forward, gradient, update) comes from the training room of the model's backend
+(``lamina.training.trainer_for``): on jax it is a single ``jax.jit`` program, compiled once per batch
+shape; on torch it runs eagerly, or through ``torch.compile`` with ``compile=True``. This file only feeds
+it batches and keeps the books; it knows no backend by name.
 
 >>> import lamina as lm, numpy as np
 >>> lm.set_backend("numpy"); net = lm.Linear(1)
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .backends import backend_of
+from .backends import backend_of, get_backend
 from .module import Module
+from .training import trainer_for
 
 __all__ = ["fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint"]
 
@@ -37,7 +40,11 @@ def _batches(data, batch_size: int, shuffle: bool, rng: np.random.Generator | No
         n = x.shape[0]
         if y.shape[0] != n:
             raise ValueError(f"inputs have {n} rows but targets have {y.shape[0]}")
-        order = rng.permutation(n) if shuffle else np.arange(n)
+        if not shuffle:  # contiguous slices: no index arrays, no gather
+            for start in range(0, n, batch_size):
+                yield x[start:start + batch_size], y[start:start + batch_size]
+            return
+        order = rng.permutation(n)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             yield _take(x, idx), _take(y, idx)
@@ -58,46 +65,68 @@ def _n_batches(data, batch_size):
     return len(data) if hasattr(data, "__len__") else None
 
 
-def _execute(model: Module, step, k: int, batches, optimizer):
+def _execute(model: Module, step, k: int | None, batches, optimizer, convert):
     """Run the train step over ``batches``. Yields ``(loss, outputs, rows per batch, batches done, targets)``.
 
-    With ``k > 1`` (a backend whose step offers ``step.many``), every ``k`` consecutive batches of one
-    shape run as one call, and ``loss`` is then the vector of their ``k`` losses; the rest run one by one.
+    With ``k > 1`` (a step that offers ``step.many``), every ``k`` consecutive batches of one shape run as
+    one call, and ``loss`` is then the vector of their ``k`` losses; the rest run one by one. ``k=None``
+    lets the step choose (``step.group``: it measures its first steps).
     """
     group: list = []
-
-    def single(xb, yb):
-        xb, yb = _to_model(model, xb), _to_model(model, yb)
-        loss, out = step(xb, yb, optimizer.current_lr())
-        optimizer.steps += 1
-        return loss, out, xb.shape[0], 1, yb
+    many = step.many
+    choose = getattr(step, "group", None) if k is None else None
+    lr_at = optimizer.lr_at
 
     for i, (xb, yb) in enumerate(batches):
-        if i == 0 and model._needs_build():
-            model._dry_run((_to_model(model, xb),))  # so the optimizer sees every parameter from the start
-        if k == 1:
-            yield single(xb, yb)
+        xb, yb = convert(xb), convert(yb)
+        if i == 0:
+            model.ensure_built(xb)  # so the optimizer sees every parameter from the start
+        kk = choose(xb) if choose is not None else (k or 1)
+        if kk == 1 and not group:
+            loss, out = step(xb, yb, lr_at(optimizer.steps))
+            optimizer.steps += 1
+            yield loss, out, xb.shape[0], 1, yb
             continue
         group.append((xb, yb))
-        if len(group) < k:
+        if len(group) < kk:
             continue
         if len({(tuple(x.shape), tuple(y.shape)) for x, y in group}) == 1:
             xs, ys = _stack(model, [x for x, _ in group]), _stack(model, [y for _, y in group])
-            losses = step.many(xs, ys, [optimizer.lr_at(optimizer.steps + j) for j in range(k)])
-            optimizer.steps += k
-            yield losses, None, group[0][0].shape[0], k, None
+            losses = many(xs, ys, [lr_at(optimizer.steps + j) for j in range(kk)])
+            optimizer.steps += kk
+            yield losses, None, group[0][0].shape[0], kk, None
         else:
             for xb2, yb2 in group:
-                yield single(xb2, yb2)
+                loss, out = step(xb2, yb2, lr_at(optimizer.steps))
+                optimizer.steps += 1
+                yield loss, out, xb2.shape[0], 1, yb2
         group = []
     for xb, yb in group:
-        yield single(xb, yb)
+        loss, out = step(xb, yb, lr_at(optimizer.steps))
+        optimizer.steps += 1
+        yield loss, out, xb.shape[0], 1, yb
 
 
 def _stack(model: Module, arrays: list):
-    if all(isinstance(a, np.ndarray) for a in arrays):  # stack on the host: one transfer for the group
-        return _to_model(model, np.stack(arrays))
-    return model._backend.xp.stack([_to_model(model, a) for a in arrays])
+    if all(type(a) is np.ndarray for a in arrays):  # stacked on the host: one transfer for the group
+        return np.stack(arrays)
+    return get_backend(model.backend).xp.stack(arrays)
+
+
+def _converter(model: Module):
+    """``convert(a)``: a batch as an array of the model's backend. A NumPy batch that ``_batches`` cut is
+    converted without a second copy; anything else goes through the model's own input conversion."""
+    b = get_backend(model.backend)
+    device = model.device
+
+    def convert(a):
+        if type(a) is np.ndarray and a.dtype.kind in "biuf":
+            if a.dtype == np.float64:
+                a = a.astype(np.float32)
+            return b.from_numpy(a, device, copy=not a.flags.owndata)
+        return _to_model(model, a)
+
+    return convert
 
 
 def _to_model(model: Module, a):
@@ -200,7 +229,7 @@ class EarlyStopping(Callback):
             self.best, self.wait, self.best_epoch = value, 0, epoch
             if self.restore_best:
                 model = self.trainer.model
-                self._best_values = {k: model._backend.copy(v) for k, v in model.state_dict().items()}
+                self._best_values = {k: get_backend(model.backend).copy(v) for k, v in model.state_dict().items()}
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -246,13 +275,15 @@ class _Trainer:
 
 
 def _train_step(model: Module, loss: Loss, optimizer, compile, outputs: bool):
-    """The backend's train step for this model, loss, optimizer and compile choice, built once and kept on
-    the model, so that calling fit again (or once per epoch) does not compile again."""
-    cache = model.__dict__.setdefault("_train_steps", {})
-    key = (model._backend.name, loss, id(optimizer), compile, outputs)
-    if key not in cache:
-        cache[key] = model._backend.train_step(model, loss, optimizer, compile, outputs)
-    return cache[key]
+    """The backend's train step for this model, loss, optimizer and compile choice, built once and kept
+    with the optimizer, so that calling fit again (or once per epoch) does not compile again."""
+    cache = optimizer.step_cache
+    key = (id(model), model.backend, loss, compile, outputs)
+    hit = cache.get(key)
+    if hit is None or hit[0]() is not model:
+        hit = cache[key] = (weakref.ref(model),
+                            trainer_for(get_backend(model.backend)).make_step(model, loss, optimizer, compile, outputs))
+    return hit[1]
 
 
 # ----- the loop -----------------------------------------------------------------------------------
@@ -270,8 +301,9 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     Training runs in training mode; afterwards every module is back in the mode it had.
     ``compile``: jax always compiles the step unless ``False``; torch runs eagerly unless ``True``
     (``torch.compile``). ``steps_per_call``: how many steps to run as one compiled call where the backend
-    can (jax: 16 by default, torch: 1); per-step losses, callbacks and the bar still see every step, and
-    each step's update is the same. Returns the ``History``.
+    can (jax); by default the step measures its first calls and groups 16 per call only where a step is
+    fast enough for the Python around it to matter (small models). Per-step losses, callbacks and the bar
+    still see every step, and each step's update is the same. Returns the ``History``.
     """
     from tqdm.auto import tqdm
 
@@ -289,12 +321,19 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
         cb.trainer = trainer
     rng = np.random.default_rng(seed)
     step = _train_step(model, loss, optimizer, compile, outputs=bool(metrics))
-    if steps_per_call is None:
-        steps_per_call = model._backend.steps_per_call
-    k = steps_per_call if getattr(step, "many", None) is not None and not metrics else 1
+    if getattr(step, "many", None) is None or metrics:
+        k = 1
+    else:
+        k = steps_per_call  # None: the step chooses from a measurement of its first calls
+    forget = getattr(step, "forget", None)  # the step may not donate what the user could hold from now on
+    if forget is not None:
+        forget()
+    user_batch_end = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in callbacks)
+    convert = getattr(step, "convert", None) or _converter(model)
+    backend = get_backend(model.backend)
     for cb in callbacks:
         cb.on_train_begin({})
-    with model._mode(True):
+    with model.mode(True):
         for epoch in range(epochs):
             trainer.epoch = epoch
             for cb in callbacks:
@@ -307,17 +346,16 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
             # Per-batch figures are read back from the device only when something shows or uses them (the
             # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
             # so the host never waits for the device between steps.
-            live = not bar.disable or bool(metrics) or any(type(cb).on_batch_end is not Callback.on_batch_end
-                                                           for cb in callbacks)
+            live = not bar.disable or bool(metrics) or user_batch_end
             pending, batch = [], 0
             for loss_value, out, n, done, yb in _execute(model, step, k, _batches(train_data, batch_size, shuffle, rng),
-                                                         optimizer):
+                                                         optimizer, convert):
                 seen += n * done
                 bar.update(done)
                 if not live:
                     pending.append((loss_value, n))
                     continue
-                for value in np.asarray(model._backend.to_numpy(loss_value), np.float64).reshape(-1):
+                for value in np.asarray(backend.to_numpy(loss_value), np.float64).reshape(-1):
                     logs = {"loss": float(value)}
                     for m in metrics:  # (metrics run one batch per call: done == 1)
                         logs[_metric_name(m)] = _float(m(out, yb))
@@ -326,10 +364,12 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                     for cb in callbacks:
                         cb.on_batch_end(batch, logs)
                     batch += 1
+                if user_batch_end and forget is not None:
+                    forget()
                 if not bar.disable:
                     bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
             if pending:  # one transfer per kind of entry for the whole epoch
-                b = model._backend
+                b = backend
                 scalars = [(v, n) for v, n in pending if v.ndim == 0]
                 vectors = [(v, n) for v, n in pending if v.ndim == 1]
                 total = 0.0
@@ -347,6 +387,8 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
             history.record(epoch, logs)
             for cb in callbacks:
                 cb.on_epoch_end(epoch, logs)
+            if forget is not None:
+                forget()
             if trainer.stop:
                 break
     for cb in callbacks:
@@ -360,7 +402,7 @@ def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), 
     metrics = list(metrics)
     totals = {**({"loss": 0.0} if loss is not None else {}), **{_metric_name(m): 0.0 for m in metrics}}
     seen = 0
-    with model._mode(False), model._backend.no_grad():
+    with model.mode(False), get_backend(model.backend).no_grad():
         for xb, yb in _batches(data, batch_size, False, None):
             xb, yb = _to_model(model, xb), _to_model(model, yb)
             out = model(xb)
@@ -376,9 +418,9 @@ def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), 
 def predict(model: Module, data, batch_size: int = 256):
     """``model``'s outputs for ``data`` (an array, or an iterable of input batches), computed in
     batches in eval mode without gradients and joined along the first axis."""
-    b = model._backend
+    b = get_backend(model.backend)
     if hasattr(data, "shape"):
         data = [data[i:i + batch_size] for i in range(0, data.shape[0], batch_size)]
-    with model._mode(False), b.no_grad():
+    with model.mode(False), b.no_grad():
         outs = [model(_to_model(model, xb)) for xb in data]
     return b.xp.concat(outs, axis=0) if outs else None

@@ -213,8 +213,11 @@ class TensorflowBackend(Backend):
         return np.asarray(x.numpy())
 
     def _from_dlpack(self, x):
-        x = x.detach() if hasattr(x, "detach") else x
-        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+        # Not tf.experimental.dlpack: a tensor made that way aliases the other library's buffer, which need not
+        # be 64-byte aligned, and TensorFlow's CPU kernels then abort the process ("Check failed: IsAligned()",
+        # seen in a transpose after a move from numpy). tf.constant copies into aligned memory when it must.
+        x = x.detach().cpu() if hasattr(x, "detach") else x
+        return tf.constant(np.array(np.from_dlpack(x), copy=True))
 
     def make_parameter(self, value, trainable):
         if isinstance(value, tf.Variable) and value.trainable == bool(trainable):

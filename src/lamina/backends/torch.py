@@ -67,6 +67,9 @@ class TorchBackend(Backend):
             return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
 
+    def mark_written(self, x):
+        torch.autograd.graph.increment_version(x)
+
     def set_trainable(self, value, flag):
         value.requires_grad_(flag and value.is_floating_point())
 
@@ -117,30 +120,6 @@ class TorchBackend(Backend):
                 grads = [None] * len(paths)
         grads = {p: torch.zeros_like(params[p]) if g is None else g for p, g in zip(paths, grads)}
         return ((loss.detach(), out[1]) if has_aux else loss.detach()), grads
-
-    # ----- training ----------------------------------------------------------------------------------
-    def optimizer(self, kind, hyper):
-        return _TorchOptimizer(self, kind, hyper)
-
-    def train_step(self, model, loss_fn, optimizer, compile, outputs=True):
-        engine = optimizer.engine(self)
-
-        def forward_loss(x, y):
-            out = model(x)
-            return loss_fn(out, y), out
-
-        run = torch.compile(forward_loss) if compile else forward_loss
-
-        def step(x, y, lr):
-            entries = optimizer.entries()
-            for _, p in entries:
-                p.value.grad = None
-            loss, out = run(x, y)
-            loss.backward()
-            engine.step(entries, None, lr)
-            return loss.detach(), (out.detach() if outputs else None)
-
-        return step
 
     # ----- native ops --------------------------------------------------------------------------------
     relu = staticmethod(torch.relu)
@@ -206,7 +185,17 @@ class TorchBackend(Backend):
     def is_integral(self, x):
         return not x.is_floating_point() and not x.is_complex()
 
+    def value_range(self, x):
+        if x.numel() == 0 or torch.compiler.is_compiling():  # no host sync inside a compiled graph
+            return None
+        lo, hi = torch.aminmax(x.detach())
+        return lo.item(), hi.item()
+
     def cross_entropy(self, logits, labels):
+        if logits.ndim != 2:  # torch takes classes on axis 1; Lamina's are the last axis on every backend
+            c = logits.shape[-1]
+            logits = logits.reshape(-1, c)
+            labels = labels.reshape(-1) if self.is_integral(labels) else labels.reshape(-1, c)
         if self.is_integral(labels):
             return F.cross_entropy(logits, labels.long())
         return F.cross_entropy(logits, labels)
@@ -246,69 +235,3 @@ class TorchBackend(Backend):
         # the native kernel updates the statistics it is given in place: give it copies, stay pure
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
         return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps), mean, var
-
-
-class _TorchOptimizer:
-    """lamina.optim on torch: ``torch.optim`` with the multi-tensor (foreach) kernels."""
-
-    _CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
-
-    def __init__(self, backend, kind, hyper):
-        self.backend = backend
-        self.cls = getattr(torch.optim, self._CLASSES[kind])
-        self.hyper = hyper
-        self.opt = None
-        self.tensors: list = []
-        self.names: list = []
-
-    def _bind(self, entries):
-        """(Re)create the torch optimizer when the parameter tensors changed (first step, model.to(), ...),
-        carrying the state over by name."""
-        tensors = [p.value for _, p in entries]
-        if (self.opt is not None and len(tensors) == len(self.tensors)
-                and all(a is b for a, b in zip(tensors, self.tensors))):
-            return
-        carried = self._export() if self.opt is not None else {}
-        self.opt = self.cls(tensors, foreach=True, **self.hyper)
-        self.tensors, self.names = tensors, [k for k, _ in entries]
-        if carried:
-            self._import(carried)
-
-    def step(self, entries, grads, lr):
-        self._bind(entries)
-        if grads is not None:
-            for (k, _), t in zip(entries, self.tensors):
-                if t.grad is not grads[k]:
-                    t.grad = grads[k]
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-
-    def _export(self):
-        out = {}
-        for name, t in zip(self.names, self.tensors):
-            for k, v in self.opt.state.get(t, {}).items():
-                if v is not None:
-                    out[f"{name}/{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-        return out
-
-    def _import(self, arrays):
-        by_name = dict(zip(self.names, self.tensors))
-        unknown = sorted({k.rpartition("/")[0] for k in arrays} - set(by_name))
-        if unknown:
-            raise ValueError(f"optimizer state for parameters {unknown}, which this optimizer does not update")
-        self.opt.state.clear()
-        for key, v in arrays.items():
-            name, _, slot = key.rpartition("/")
-            t = by_name[name]
-            v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
-            # 'step' stays a CPU float32 scalar, as torch.optim keeps it; the moments follow the parameter
-            self.opt.state[t][slot] = v.clone() if slot == "step" else v.to(device=t.device, dtype=t.dtype).clone()
-
-    def state_dict(self, entries):
-        self._bind(entries)
-        return self._export()
-
-    def load_state_dict(self, entries, arrays):
-        self._bind(entries)
-        self._import(arrays)

@@ -1,0 +1,41 @@
+"""The interface every training room implements, and the pieces the rooms share.
+
+A room is a module (``training/torch.py``, ``training/jax.py``) with two functions:
+
+``make_step(model, loss_fn, optimizer, compile, outputs) -> step``
+    ``step(x, y, lr) -> (loss, out)`` does one forward, backward and update of ``model`` (inputs and
+    targets already arrays of the model's backend), with the learning rate ``lr``; ``loss`` is a scalar
+    array of the backend (``fit`` reads it back to the host only when something shows it), ``out`` the
+    outputs, or ``None`` when ``outputs`` is false. ``compile``: ``None`` for the room's default, ``True``
+    or ``False`` to ask for a compiled (``jax.jit``, ``torch.compile``) or eager step. The step may offer
+    ``step.many(xs, ys, lrs) -> losses``: ``len(lrs)`` steps on batches stacked along a new leading axis,
+    as one call (``None`` where it does not), and ``step.group(x) -> int``: how many steps ``fit`` should
+    group per call for batches like ``x`` (1: no grouping), ``step.convert(a)``: how ``fit`` should hand
+    it a batch (default: the model's own input conversion), and ``step.forget()``: from now on, treat every
+    current value as held by the user (``fit`` calls it where user code may have run). The update of a
+    step is the one that ``optimizer.update`` states (or its ``torch_class``), as ``engine`` applies it.
+
+``engine(optimizer, backend) -> Engine``
+    The object that applies ``optimizer``'s updates eagerly, outside a train step (a user's own loop with
+    ``lm.value_and_grad`` and ``opt.step(grads)``):
+
+    - ``backend``: the adapter it works on;
+    - ``step(entries, grads, lr)``: update every ``(path, Parameter)`` of ``entries`` with
+      ``grads[path]`` (``grads`` may be ``None`` on a backend whose parameters carry ``.grad``);
+    - ``state_dict(entries) -> {"<path>/<slot>": array}``, with ``"<path>/step"`` the update count;
+    - ``load_state_dict(entries, state)``: ``state`` as ``{key: NumPy array}``, already checked by
+      ``Optimizer.load_state_dict`` (keys, shapes, dtypes); an empty mapping resets the state. It must not
+      fail half-way.
+
+A room publishes new parameter values only through ``Parameter.set_value`` and never invalidates an array
+the user may still hold.
+"""
+
+from __future__ import annotations
+
+__all__ = ["state_keys"]
+
+
+def state_keys(names, slots) -> list:
+    """Every key of an optimizer state: ``"<path>/<slot>"`` per slot, then ``"<path>/step"``."""
+    return [f"{k}/{s}" for k in names for s in (*slots, "step")]

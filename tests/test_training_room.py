@@ -1,0 +1,244 @@
+"""The training rooms (lamina.training): the registry, optimizers identified by path, a user's own update
+rule on every backend, all-or-nothing state loading, and no donated array that the user still holds."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lamina as lm
+from lamina.training import trainer_for
+
+from conftest import GRAD_BACKENDS, to_np
+
+
+def test_numpy_has_no_training_room_and_says_where_to_train():
+    with pytest.raises(lm.BackendError, match="numpy backend cannot train .* train on torch or jax and load the "
+                                              "weights here"):
+        trainer_for(lm.get_backend("numpy"))
+
+
+def test_every_room_offers_the_interface(grad_backend):
+    room = trainer_for(lm.get_backend(grad_backend))
+    assert callable(room.make_step) and callable(room.engine)
+
+
+def test_importing_lamina_and_its_training_package_imports_no_backend():
+    code = ("import sys, lamina, lamina.training, lamina.train, lamina.optim; "
+            "print(sorted(m for m in ('torch', 'jax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_number_first_says_the_model_comes_first():
+    with pytest.raises(TypeError, match="the model or its parameters come first"):
+        lm.optim.Adam(1e-2)
+    with pytest.raises(TypeError, match="must be lm.Parameter"):
+        lm.optim.SGD([np.zeros(3)], lr=0.1)
+
+
+def test_a_parameter_given_twice_is_an_error(backend):
+    layer = lm.Linear(2, 2)
+    w = layer.get_parameter("weight")
+    with pytest.raises(ValueError, match="given twice"):
+        lm.optim.SGD([w, layer.get_parameter("bias"), w], lr=0.1)
+
+
+def test_list_of_same_named_parameters_keeps_each_its_own_update(grad_backend):
+    """Issue 8: entries were named by the short name, so on jax l1.weight received l2's array."""
+    l1, l2 = lm.Linear(3, 2), lm.Linear(2, 1)
+    net = lm.Sequential(l1, l2)
+    w1, w2 = l1.get_parameter("weight"), l2.get_parameter("weight")
+    opt = lm.optim.SGD([w1, w2], lr=0.1)
+    assert [k for k, _ in opt.entries()] == ["0.weight", "1.weight"]
+    x = np.ones((4, 3), np.float32)
+    W1, b1, W2, b2 = (to_np(v).astype(np.float64) for v in (l1.weight, l1.bias, l2.weight, l2.bias))
+    lm.value_and_grad(lambda m, x: (m(x) ** 2).sum())(net, x)
+    opt.step()
+    # by hand: out = (x W1 + b1) W2 + b2, loss = sum(out^2)
+    h = x @ W1 + b1
+    out = h @ W2 + b2
+    d_out = 2 * out
+    g2 = h.T @ d_out
+    g1 = x.T @ (d_out @ W2.T)
+    np.testing.assert_allclose(to_np(l1.weight), W1 - 0.1 * g1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_np(l2.weight), W2 - 0.1 * g2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_np(l1.bias), b1)  # not given: not updated
+    assert to_np(net(x)).shape == (4, 1)  # the net still runs
+    assert set(opt.state_dict()) == {"0.weight/step", "1.weight/step"}
+
+
+def test_parameters_of_two_models_with_the_same_path_are_told_apart(grad_backend):
+    a, b = lm.Linear(2, 1), lm.Linear(2, 1)
+    opt = lm.optim.Adam([a.get_parameter("weight"), b.get_parameter("weight")], lr=0.1)
+    assert [k for k, _ in opt.entries()] == ["weight@0", "weight@1"]
+
+
+class SignSGD(lm.optim.Optimizer):
+    """A user's optimizer: only slots, scalars (inherited: [lr]) and update."""
+
+    slots = ("velocity",)
+
+    def __init__(self, params, lr=0.01, beta=0.5):
+        super().__init__(params, lr=lr, beta=beta)
+
+    def update(self, param, grad, state, scalars, xp):
+        v = self.hyper["beta"] * state["velocity"] + grad
+        return param - scalars[0] * xp.sign(v), {"velocity": v}
+
+
+def _hand_sign_sgd(w, b, batches, lr, beta):
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for x, y in batches:
+        err = x @ w + b - y  # mse: mean(err^2)
+        gw, gb = 2 * x.T @ err / err.size, 2 * err.sum(0) / err.size
+        vw, vb = beta * vw + gw, beta * vb + gb
+        w, b = w - lr * np.sign(vw), b - lr * np.sign(vb)
+    return w, b
+
+
+@pytest.mark.parametrize("how", ["opt.step", "fit"])
+def test_a_user_written_optimizer_trains_on_every_backend(grad_backend, how):
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((8, 3)).astype(np.float32), rng.standard_normal((8, 1)).astype(np.float32))
+               for _ in range(6)]
+    net = lm.Linear(3, 1)
+    w0, b0 = to_np(net.weight).astype(np.float64), to_np(net.bias).astype(np.float64)
+    opt = SignSGD(net, lr=0.05)
+    if how == "fit":
+        lm.fit(net, lm.losses.mse, opt, batches, epochs=1, progress=False)
+    else:
+        b = lm.get_backend()
+        for x, y in batches:
+            x, y = b.from_numpy(x), b.from_numpy(y)
+            _, grads = lm.value_and_grad(lambda m, x, y: lm.losses.mse(m(x), y))(net, x, y)
+            opt.step(grads)
+    w, b = _hand_sign_sgd(w0, b0, [(x.astype(np.float64), y.astype(np.float64)) for x, y in batches], 0.05, 0.5)
+    np.testing.assert_allclose(to_np(net.weight), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(net.bias), b, rtol=1e-5, atol=1e-6)
+    state = opt.state_dict()
+    assert set(state) == {"weight/velocity", "weight/step", "bias/velocity", "bias/step"}
+    assert float(to_np(state["weight/step"])) == 6
+
+
+def test_load_state_dict_is_all_or_nothing(grad_backend):
+    net = lm.Sequential(lm.Linear(3, 2), lm.Linear(2, 1))
+    opt = lm.optim.Adam(net, lr=0.1)
+    x = np.ones((4, 3), np.float32)
+    _, grads = lm.value_and_grad(lambda m, x: (m(x) ** 2).sum())(net, x)
+    opt.step(grads)
+    before = {k: to_np(v).copy() for k, v in opt.state_dict().items()}
+    bad = {k: v.copy() for k, v in before.items()}
+    bad["0.weight/exp_avg"] = np.zeros((2, 3), np.float32)  # wrong shape
+    bad["1.bias/exp_avg_sq"] = np.zeros((1,), np.float64)  # wrong dtype
+    bad["2.weight/exp_avg"] = np.zeros((1,), np.float32)  # unknown parameter
+    del bad["1.weight/step"]  # missing
+    with pytest.raises(ValueError) as e:
+        opt.load_state_dict(bad, steps=99)
+    msg = str(e.value)
+    for part in ("nothing was loaded", "'0.weight/exp_avg' has shape (2, 3)", "'1.bias/exp_avg_sq' has dtype float64",
+                 "unexpected key '2.weight/exp_avg'", "missing keys ['1.weight/step']"):
+        assert part in msg
+    assert opt.steps == 1
+    after = {k: to_np(v) for k, v in opt.state_dict().items()}
+    assert set(after) == set(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+    with pytest.raises(ValueError, match="steps must be a non-negative int"):
+        opt.load_state_dict(before, steps=-1)
+
+
+def test_state_saved_before_the_first_step_loads_and_resumes(grad_backend):
+    """Issue 10: resuming from a state saved before any update failed on torch."""
+    results = []
+    for reload in (False, True):
+        lm.manual_seed(0)
+        net = lm.Linear(3, 1)
+        opt = lm.optim.Adam(net, lr=0.1)
+        if reload:
+            opt.load_state_dict({k: to_np(v) for k, v in opt.state_dict().items()}, steps=0)
+        _, grads = lm.value_and_grad(lambda m, x: (m(x) ** 2).sum())(net, np.ones((2, 3), np.float32))
+        opt.step(grads)
+        results.append(to_np(net.weight))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+# ----- jax: nothing the user holds is donated ---------------------------------------------------------
+jax_only = pytest.mark.skipif("jax" not in GRAD_BACKENDS, reason="jax not installed")
+
+
+def _data(n=64):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, 4)).astype(np.float32), rng.standard_normal((n, 1)).astype(np.float32)
+
+
+@jax_only
+def test_jax_fit_keeps_a_state_dict_snapshot_valid():
+    lm.set_backend("jax")
+    net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
+    opt = lm.optim.Adam(net, lr=0.01)
+    snap = net.state_dict()
+    expected = {k: np.array(to_np(v)) for k, v in snap.items()}
+    lm.fit(net, lm.losses.mse, opt, _data(), epochs=2, batch_size=8, progress=False)
+    opt_snap = opt.state_dict()
+    snap2 = net.state_dict()  # taken after one fit, before another
+    expected2 = {k: np.array(to_np(v)) for k, v in snap2.items()}
+    lm.fit(net, lm.losses.mse, opt, _data(), epochs=1, batch_size=8, progress=False)
+    for k in expected:
+        np.testing.assert_array_equal(to_np(snap[k]), expected[k])  # raised "Array has been deleted"
+        np.testing.assert_array_equal(to_np(snap2[k]), expected2[k])
+    for v in opt_snap.values():
+        to_np(v)
+
+
+@jax_only
+def test_jax_fit_keeps_an_assigned_array_valid():
+    import jax.numpy as jnp
+
+    lm.set_backend("jax")
+    net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
+    mine = jnp.ones((4, 8), jnp.float32)
+    net.get_parameter("0.weight").numpy()  # values drawn: the assignment then keeps the user's array itself
+    net.get_parameter("0.weight").value = mine
+    lm.fit(net, lm.losses.mse, lm.optim.SGD(net, lr=0.01), _data(), epochs=1, batch_size=8, progress=False)
+    np.testing.assert_array_equal(np.asarray(mine), np.ones((4, 8), np.float32))
+    assert not np.array_equal(to_np(net[0].weight), np.ones((4, 8), np.float32))  # it did train
+
+
+@jax_only
+def test_jax_fit_keeps_a_loaded_mapping_valid():
+    import jax.numpy as jnp
+
+    lm.set_backend("jax")
+    net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
+    given = {k: jnp.asarray(to_np(v)) + 1 for k, v in net.state_dict().items()}
+    expected = {k: np.array(v) for k, v in given.items()}
+    net.load_state_dict(given)
+    opt = lm.optim.Adam(net, lr=0.01)
+    opt_given = {k: jnp.asarray(to_np(v)) for k, v in opt.state_dict().items()}
+    opt.load_state_dict(opt_given)
+    lm.fit(net, lm.losses.mse, opt, _data(), epochs=1, batch_size=8, progress=False)
+    for k in given:
+        np.testing.assert_array_equal(np.asarray(given[k]), expected[k])
+    for v in opt_given.values():
+        np.asarray(v)
+
+
+@jax_only
+def test_jax_fit_groups_steps_only_where_a_step_is_fast(monkeypatch):
+    import lamina.training.jax as room
+
+    lm.set_backend("jax")
+    traces = []
+
+    def loss(out, y):
+        traces.append(1)  # runs only while jax traces a program
+        return lm.losses.mse(out, y)
+
+    for threshold, programs in ((0.0, 1), (10.0, 2)):  # never fast enough: one program; always: two
+        monkeypatch.setattr(room, "GROUP_BELOW_S", threshold)
+        traces.clear()
+        net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
+        lm.fit(net, loss, lm.optim.Adam(net), _data(320), epochs=1, batch_size=8, progress=False)
+        assert len(traces) == programs
