@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,9 @@ import lamina as lm
 # tensorflow is left out of the shared fixture: with torch loaded in the same process, TensorFlow 2.21's CPU
 # kernels abort the interpreter (tensor.cc "Check failed: IsAligned()"); tests/test_tensorflow.py and
 # tests/test_export.py run its checks in fresh processes instead.
-BACKENDS = [b for b in lm.available_backends() if b != "tensorflow"]
+# LAMINA_TEST_BACKENDS=torch,tensorflow,numpy picks the backends explicitly (a run of its own for tensorflow).
+BACKENDS = (os.environ["LAMINA_TEST_BACKENDS"].split(",") if os.environ.get("LAMINA_TEST_BACKENDS")
+            else [b for b in lm.available_backends() if b != "tensorflow"])
 GRAD_BACKENDS = [b for b in BACKENDS if b in ("torch", "jax")]
 
 
