@@ -283,3 +283,40 @@ def test_a_list_state_stays_a_list_and_its_arrays_are_converted(backend):
     assert caches == [None, None]
     np.testing.assert_allclose(to_np(out), x + enc, rtol=1e-6)
     assert to_np(lm.Identity()([[1.0, 2.0], [3.0, 4.0]])).shape == (2, 2)  # a list of numbers is one array
+
+
+# ----- arrays that forward stores on the module (the textbook's self.attention_weights) ------------
+class KeepsWeights(lm.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = lm.Linear(4, 4)
+
+    def forward(self, x):
+        w = lm.ops.softmax(self.lin(x), -1)
+        self.attention_weights = w
+        return (w * x).sum()
+
+
+def test_an_attribute_set_in_forward_comes_out_of_value_and_grad_concrete(grad_backend):
+    m = KeepsWeights()
+    x = rand(2, 4)
+    lm.value_and_grad(lambda m, x: m(x))(m, x)
+    w, b = m.lin.get_parameter("weight").numpy(), m.lin.get_parameter("bias").numpy()
+    z = x @ w + b
+    ref = np.exp(z - z.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(to_np(m.attention_weights), ref, rtol=1e-5)
+    np.testing.assert_allclose(to_np(m(x)), (ref * x).sum(), rtol=1e-5)  # and the model still runs
+
+
+def test_no_tracer_is_left_behind_under_a_users_jit():
+    jax = pytest.importorskip("jax")
+    lm.set_backend("jax")
+    m = KeepsWeights()
+    x = rand(2, 4)
+    m(x)
+    eager = to_np(m.attention_weights)
+    params = {k: p.value for k, p in m.named_parameters()}
+    jax.jit(lambda ps, x: lm.functional_call(m, ps, x))(params, x)
+    np.testing.assert_array_equal(to_np(m.attention_weights), eager)  # the previous value, not a tracer
+    m(x + 1)  # reads the attribute path again without UnexpectedTracerError

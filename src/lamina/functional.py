@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from . import context, tree
 from .backends import get_backend
-from .module import Module
+from .module import _MISSING, Module
 from .parameter import Parameter
 
 __all__ = ["functional_call", "value_and_grad"]
@@ -25,14 +25,20 @@ def _ready(model: Module, args, kwargs) -> None:
 
 
 @contextmanager
-def _swapped(model: Module, params: dict):
+def _swapped(model: Module, params: dict, carry: list | None = None):
     """Show ``params`` ({path: array}) to the model's modules for the duration; yields the dict in which
-    buffer writes made by forward are recorded ({path: new value}). Everything is restored afterwards."""
+    buffer writes made by forward are recorded ({path: new value}). Everything is restored afterwards.
+
+    Arrays that ``forward`` assigns to plain module attributes (``self.attention_weights = w``) while being
+    traced are never left behind as tracers: the attribute gets its previous value back and, with ``carry``
+    given, ``(module, name, traced value)`` is appended to it, so a caller can return the values from the
+    traced function and set the concrete ones (``value_and_grad`` and the compiled jax step do)."""
     idx = tree.index(model)
     unknown = [k for k in params if k not in idx.paths]
     if unknown:
         raise KeyError(f"{type(model).__name__} has no parameter {unknown}; its parameters are {list(idx.paths)}")
     shown = []
+    model_backend = get_backend(model.backend)
     frame = {"writes": {}, "written": {}, "paths": {id(p): path for path, p in idx.entries}}
     frames = context.pure_frames()
     frames.append(frame)
@@ -48,6 +54,15 @@ def _swapped(model: Module, params: dict):
             p.show()
         for p in frame["written"].values():
             p.show()
+        for m, name, before in frame.get("attrs", {}).values():  # never leave a tracer behind in a module
+            value = m.__dict__.get(name)
+            if model_backend.is_traced(value):
+                if before is _MISSING:
+                    m.__dict__.pop(name, None)
+                else:
+                    m.__dict__[name] = before
+                if carry is not None:
+                    carry.append((m, name, value))
 
 
 def functional_call(model: Module, params: dict, *args, return_buffers: bool = False, **kwargs):
@@ -90,13 +105,18 @@ def value_and_grad(fn, has_aux: bool = False):
         entries = [(path, p) for path, p in model.named_parameters() if p.trainable]
         params = {path: p.value for path, p in entries}
 
+        carried: list = []
+
         def pure(ps):
-            with _swapped(model, ps) as writes:
+            carried.clear()
+            with _swapped(model, ps, carried) as writes:
                 out = fn(model, *args, **kwargs)
             loss, aux = out if has_aux else (out, None)
-            return loss, (aux, dict(writes))
+            return loss, (aux, dict(writes), [v for _, _, v in carried])
 
-        (loss, (aux, writes)), grads = backend.value_and_grad(pure, params, True)
+        (loss, (aux, writes, attrs)), grads = backend.value_and_grad(pure, params, True)
+        for (m, name, _), value in zip(carried, attrs):  # attributes forward set, with their concrete values
+            m.__dict__[name] = backend.stop_gradient(value)
         grads = {path: grads[path] for path in params}  # model order (jax returns dict keys sorted)
         for path, p in entries:
             p.grad = grads.get(path)

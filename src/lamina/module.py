@@ -37,6 +37,7 @@ from .tree import root_of
 __all__ = ["Module", "ModuleList", "ModuleDict"]
 
 _NO_INPUT = object()  # marks "called with no positional input"
+_MISSING = object()  # marks "the attribute did not exist"
 
 
 
@@ -340,6 +341,10 @@ class Module:
             self._register_module(name, ModuleDict(value) if isinstance(value, dict) else ModuleList(value))
         else:
             self._unregister(name)
+            frames = context.pure_frames()
+            if frames and self._backend.is_traced(value):  # the textbook's self.attention_weights = ...
+                attrs = frames[-1].setdefault("attrs", {})
+                attrs.setdefault((id(self), name), (self, name, d.get(name, _MISSING)))
             d[name] = value
 
     def add_module(self, name: str, module: Module | None) -> None:
