@@ -1,18 +1,28 @@
 """Checkpoints in the safetensors format: arrays, collections of arrays and model parameters.
 
-Files are written with the ``safetensors`` library, so ``safetensors.numpy.load_file`` and every other
-safetensors reader opens them. Nothing is ever unpickled. A save writes a temporary file in the target's
-folder, flushes it to disk and renames it over the target, so a crash or a full disk mid-save leaves the
-previous file as it was.
+Files are plain safetensors, so ``safetensors.numpy.load_file`` and every other safetensors reader opens
+them. Nothing is ever unpickled. A save writes a temporary file in the target's folder
+(``.<name>.lamina-tmp-<pid>-<random>``), flushes it to disk and renames it over the target, so a crash,
+a kill or a full disk mid-save leaves the previous file as it was; the temporary files of a save that was
+killed are removed by the next save to the same path. The process umask is never touched: a new file gets
+the permissions the umask gives, a replaced file keeps the old file's permissions.
 
-Loading into a model is strict and all-or-nothing. Every key, shape and dtype in the file's header is
+A load opens the file once and reads everything (header, then data) through that one descriptor, so a
+save that renames a new file over the path meanwhile cannot mix two files. Anything that is not a regular
+file (a FIFO, a device) is refused at once. The header is validated completely before any value is used
+(a safetensors header as the format defines it; lamina's metadata: kind, key order, aliases), and every
+problem is a ``CheckpointError`` that names the file.
+
+Loading into a model is strict and all-or-nothing. Every key, shape, dtype and tie in the file's header is
 checked against the model before any value is written, and all problems are reported in one
 ``CheckpointError``. The values are then copied one tensor at a time, so a load needs little memory
-beyond the model itself.
+beyond the model itself. With ``optimizer=``, the optimizer state is read and restored before the weights
+are written, and a state the optimizer refuses changes neither.
 
 Metadata in each file (``__metadata__`` of the safetensors header, all strings): ``format`` ("lamina"),
 ``format_version``, ``lamina_version``, ``kind`` (array, list, tuple, dict or module), ``keys`` (the
-original order), and for modules ``class`` and ``aliases`` (tied parameters: ``{alias path: stored path}``).
+original order), and for modules ``class`` and ``aliases`` (tied parameters: ``{alias path: stored path}``),
+and with an optimizer ``optimizer`` (its class) and ``optimizer_steps``.
 
 Dtype policy when loading into a model: a floating-point value loads into a floating-point parameter of
 another precision by casting to the parameter's dtype (as ``torch.Tensor.copy_`` does); an integer loads
@@ -24,10 +34,14 @@ reported.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
+import math
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +57,12 @@ FORMAT_VERSION = 1
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
               "U8": "uint8", "BOOL": "bool", "C64": "complex64"}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "C64": 8}
+_MAX_HEADER = 100_000_000  # bytes; the limit the safetensors library itself enforces
+_KINDS = ("array", "list", "tuple", "dict", "module")
+_TMP = ".lamina-tmp-"  # temporary files are named .<target name>.lamina-tmp-<pid>-<random>
 
 
 # ----- writing ------------------------------------------------------------------------------------
@@ -54,7 +74,8 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True, optim
 
     Arrays may come from any backend; each keeps its dtype exactly (bfloat16 through ml_dtypes).
     A model is saved as its ``state_dict()`` (tied parameters once, with their aliases recorded).
-    ``metadata``: extra ``{str: str}`` entries for the file's header.
+    ``metadata``: extra ``{str: str}`` entries for the file's header. Keys ``__metadata__`` and keys that
+    start with ``@optimizer/`` are reserved by the format and refused.
 
     The file is written next to ``path`` under a temporary name and renamed over it, so an interrupted
     save never leaves a half-written ``path``. ``durable=True`` (the default) also flushes the data to
@@ -75,17 +96,19 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True, optim
     meta = {"format": "lamina", "format_version": str(FORMAT_VERSION), "lamina_version": _version()}
     if isinstance(obj, Module):
         tensors, aliases = _module_tensors(obj)
+        _refuse_reserved(tensors, "parameter path")
         meta.update(kind="module", aliases=json.dumps(aliases), **{"class": type(obj).__name__})
         if optimizer is not None:
             for k, v in optimizer.state_dict().items():
                 tensors[_OPTIM + k] = _host(v, f"optimizer state {k!r}")
-            meta.update(optimizer=type(optimizer).__name__, optimizer_steps=str(optimizer.steps))
+            meta.update(optimizer=type(optimizer).__name__, optimizer_steps=str(int(optimizer.steps)))
     elif optimizer is not None:
         raise TypeError("lm.save: optimizer= goes with a model checkpoint")
     elif isinstance(obj, dict):
         bad = [k for k in obj if not isinstance(k, str) or not k]
         if bad:
             raise TypeError(f"lm.save: dict keys must be non-empty strings, got {bad!r}")
+        _refuse_reserved(obj, "dict key")
         tensors = {k: _host(v, f"dict entry {k!r}") for k, v in obj.items()}
         meta["kind"] = "dict"
     elif isinstance(obj, list | tuple):
@@ -100,6 +123,18 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True, optim
             raise TypeError(f"lm.save: metadata must map str to str, got {k!r}: {v!r}")
         meta.setdefault(k, v)
     _atomic_write(Path(path), tensors, meta, durable)
+
+
+def _refuse_reserved(keys, what: str) -> None:
+    for k in keys:
+        if k == "__metadata__":
+            raise CheckpointError(f"lm.save: {what} '__metadata__' is reserved by the safetensors format (the "
+                                  "header entry that holds the file's metadata); rename that entry. Nothing "
+                                  "was written.")
+        if k.startswith(_OPTIM):
+            raise CheckpointError(f"lm.save: {what} {k!r} starts with {_OPTIM!r}, which lamina reserves for "
+                                  "optimizer state (lm.save(model, path, optimizer=opt)); rename that entry. "
+                                  "Nothing was written.")
 
 
 def _module_tensors(model: Module):
@@ -121,34 +156,77 @@ def _host(x, what: str) -> np.ndarray:
     b = backend_of(x)
     if b is None:
         if isinstance(x, np.generic):
-            return np.asarray(x)
-        raise TypeError(f"lm.save: {what} is a {type(x).__name__}; only arrays (torch, jax, numpy) can be saved")
-    a = b.to_numpy(x)
-    if a.dtype.kind == "c" and a.dtype != np.complex64:
-        raise TypeError(f"lm.save: {what} has dtype {a.dtype}; safetensors stores complex64 but not {a.dtype}")
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"lm.save: {what} is a {type(x).__name__}; only arrays (torch, jax, numpy) can be "
+                            "saved")
+        a = x
+    else:
+        a = b.to_numpy(x)
+    if a.dtype.name not in _ST_CODES:
+        if a.dtype.kind == "c":
+            raise TypeError(f"lm.save: {what} has dtype {a.dtype}; safetensors stores complex64 but not {a.dtype}")
+        raise TypeError(f"lm.save: {what} has dtype {a.dtype}, which safetensors cannot store; it stores "
+                        f"{', '.join(_ST_CODES)}")
+    if sys.byteorder != "little" or a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))  # safetensors data is little-endian
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
-def _atomic_write(path: Path, tensors: dict, meta: dict, durable: bool) -> None:
-    import safetensors.numpy
+def _serialize_header(tensors: dict, meta: dict) -> tuple[bytes, list]:
+    """The safetensors header (8-byte length + JSON, padded to 8 bytes) and the order to write the data in:
+    widest items first, so that every tensor starts at a multiple of its item size."""
+    order = sorted(tensors, key=lambda k: -tensors[k].dtype.itemsize)  # stable: same size keeps save order
+    header: dict = {"__metadata__": meta}
+    offset = 0
+    for k in order:
+        a = tensors[k]
+        header[k] = {"dtype": _ST_CODES[a.dtype.name], "shape": list(a.shape),
+                     "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
 
+
+def _write_all(fd: int, data) -> None:
+    """Write all of ``data`` (bytes or a memoryview) to ``fd``; OSError (a full disk: ENOSPC) passes out."""
+    view = memoryview(data).cast("B")
+    done, n = 0, len(view)
+    while done < n:
+        done += os.write(fd, view[done:done + (1 << 30)])
+
+
+def _atomic_write(path: Path, tensors: dict, meta: dict, durable: bool) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointError(f"cannot save to '{path}': folder '{folder}' does not exist")
     if path.is_dir():
         raise CheckpointError(f"cannot save to '{path}': it is a folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    header, order = _serialize_header(tensors, meta)
+    _remove_stale_temps(folder, path.name)
+    fd, tmp = -1, None
     try:
-        safetensors.numpy.save_file(tensors, tmp, metadata=meta)
+        fd, tmp = _create_temp(folder, path.name)
+        with contextlib.suppress(OSError):  # a replaced file keeps its permissions (no umask games)
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        _write_all(fd, header)
+        for k in order:
+            a = tensors[k]
+            if a.nbytes:
+                _write_all(fd, a.reshape(-1).view(np.uint8))
         if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())  # the data must be on disk before the rename makes it the checkpoint
-        os.chmod(tmp, _file_mode(path))
+            os.fsync(fd)  # the data must be on disk before the rename makes it the checkpoint
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         if isinstance(e, OSError):
             raise CheckpointError(f"saving '{path}' failed ({e.strerror or e}); the previous file, if any, is "
                                   "unchanged") from e
@@ -163,13 +241,46 @@ def _atomic_write(path: Path, tensors: dict, meta: dict, durable: bool) -> None:
             os.close(dir_fd)
 
 
-def _file_mode(path: Path) -> int:
+def _create_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A new temporary file beside the target, created with mode 0o666 so that the umask applies as it
+    does to any new file (the process umask is never changed: other threads may be creating files)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove the temporary files of earlier saves to ``name`` whose process is gone (killed mid-save).
+    A file whose process still runs (another thread or process saving now) is left alone. POSIX only:
+    elsewhere there is no safe way to ask whether a process lives."""
+    if os.name != "posix":
+        return
+    prefix = f".{name}{_TMP}"
     try:
-        return path.stat().st_mode & 0o777
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(prefix)]
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return
+    for entry in entries:
+        pid_text = entry[len(prefix):].partition("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, entry))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or not a pid we can ask about): leave its file alone
+    return True
 
 
 def _version() -> str:
@@ -180,113 +291,203 @@ def _version() -> str:
 
 # ----- reading ------------------------------------------------------------------------------------
 class _Reader:
-    """An open checkpoint: header (keys, shapes, dtypes, metadata) first, tensor data on demand."""
+    """An open checkpoint: one descriptor, the validated header (keys, shapes, dtypes, metadata) first,
+    tensor data on demand, always from that same descriptor."""
 
     def __init__(self, path):
-        from safetensors import safe_open
-
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"cannot load '{self.path}': no such file")
-        if self.path.is_dir():
-            raise CheckpointError(f"cannot load '{self.path}': it is a folder")
+        self._fd = _open_regular(self.path)
+        self._raw = io.FileIO(self._fd, "rb", closefd=False)  # unbuffered: readinto goes straight to memory
         try:
-            self._cm = safe_open(str(self.path), framework="np")
-            self._f = self._cm.__enter__()
-            self.meta = self._f.metadata() or {}
-            self.keys = list(self._f.keys())
-            self.specs = {}
-            for k in self.keys:
-                sl = self._f.get_slice(k)
-                self.specs[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
-        except CheckpointError:
+            self._parse()
+        except BaseException:
+            self.close()
             raise
-        except Exception as e:
-            raise CheckpointError(f"cannot load '{self.path}': {_diagnose_file(self.path)} ({e})") from None
-        self._offsets = self._data_offsets()
-        self._raw = None
-        order = self.meta.get("keys")
-        if order:
-            try:
-                ordered = json.loads(order)
-                if sorted(ordered) == sorted(self.keys):
-                    self.keys = ordered
-            except ValueError:
-                pass
-        if self.meta.get("format") == "lamina":
-            try:
-                version = int(self.meta.get("format_version", "0"))
-            except ValueError:
-                version = -1
-            if not 1 <= version <= FORMAT_VERSION:
-                raise CheckpointError(f"cannot load '{self.path}': lamina checkpoint format version "
-                                      f"{self.meta.get('format_version')!r} is not one this lamina "
-                                      f"({_version()}) reads (1 to {FORMAT_VERSION}); upgrade lamina")
+
+    def _bad(self, why: str) -> CheckpointError:
+        return CheckpointError(f"cannot load '{self.path}': {why}")
+
+    def _pread(self, offset: int, count: int) -> bytes:
+        self._raw.seek(offset)
+        out = bytearray()
+        while len(out) < count:
+            chunk = self._raw.read(count - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def _parse(self) -> None:
+        size = os.fstat(self._fd).st_size
+        head = self._pread(0, 8)
+        if size == 0:
+            raise self._bad("the file is empty")
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise self._bad("it looks like a pickle or torch.save file; lamina never unpickles (loading a pickle "
+                            "can run arbitrary code). Convert it once, in a trusted session, with "
+                            "lm.save(torch.load(...), path)")
+        if size < 8:
+            raise self._bad("it is too short to be a safetensors file (truncated?)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise self._bad(f"it is not a safetensors file, or it is truncated: its header claims {n} bytes but "
+                            f"the file has {size} bytes in all")
+        if n > _MAX_HEADER:
+            raise self._bad(f"its header claims {n} bytes, more than the {_MAX_HEADER} that safetensors allows "
+                            "(not a safetensors file?)")
+        try:
+            header = json.loads(self._pread(8, n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self._bad(f"its header is not valid safetensors JSON (the file is damaged): {_short(e)}") \
+                from None
+        if not isinstance(header, dict):
+            raise self._bad(f"its header is a JSON {type(header).__name__}, not an object (the file is damaged)")
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._bad("its __metadata__ is not a mapping of strings to strings (the file is damaged)")
+        self.meta = meta
+        self.specs, spans = {}, []
+        for key, e in header.items():
+            shape, dtype = self._entry(key, e)
+            self.specs[key] = (shape, _ST_DTYPES[dtype])
+            spans.append((e["data_offsets"][0], e["data_offsets"][1], key))
+        spans.sort()
+        end = 0
+        for begin, stop, key in spans:
+            if begin != end:
+                raise self._bad(f"the data of tensor {key!r} starts at byte {begin}, expected {end} (tensors must "
+                                "be stored back to back: the header is damaged)")
+            end = stop
+        if 8 + n + end > size:
+            raise self._bad(f"it is truncated: its header describes {8 + n + end} bytes but the file has only "
+                            f"{size}")
+        if 8 + n + end < size:
+            raise self._bad(f"its header describes {8 + n + end} bytes but the file has {size} (damaged, or "
+                            "something was appended)")
+        self._offsets = {k: (8 + n + b, s - b) for b, s, k in spans}
+        self.keys = list(header)
+        if meta.get("format") == "lamina":
+            self._lamina_meta()
+
+    def _entry(self, key: str, e) -> tuple[tuple, str]:
+        where = f"tensor {key!r}"
+        if not isinstance(e, dict):
+            raise self._bad(f"the header entry of {where} is not an object (the file is damaged)")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise self._bad(f"{where} has dtype {dtype!r}; lamina reads {', '.join(_ST_DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > 64
+                or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
+            raise self._bad(f"{where} has shape {_short(shape)}; a shape is a list of at most 64 non-negative "
+                            "integers (the header is damaged)")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise self._bad(f"{where} has data_offsets {_short(offsets)}; expected [begin, end] with "
+                            "0 <= begin <= end (the header is damaged)")
+        if math.prod(max(d, 1) for d in shape) * _ITEMSIZE[dtype] >= 2**62:
+            raise self._bad(f"{where} has an impossible shape {tuple(shape)} (the header is damaged)")
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise self._bad(f"{where} has shape {tuple(shape)} and dtype {dtype}, which take {nbytes} bytes, but "
+                            f"its data_offsets span {offsets[1] - offsets[0]} bytes (the header is damaged)")
+        return tuple(shape), dtype
+
+    def _lamina_meta(self) -> None:
+        """Check lamina's own metadata against the file: version, kind, key order, aliases, step count."""
+        meta = self.meta
+        try:
+            version = int(meta.get("format_version", "0"))
+        except ValueError:
+            version = -1
+        if not 1 <= version <= FORMAT_VERSION:
+            raise self._bad(f"lamina checkpoint format version {meta.get('format_version')!r} is not one this "
+                            f"lamina ({_version()}) reads (1 to {FORMAT_VERSION}); upgrade lamina")
+        kind = meta.get("kind", "dict")
+        if kind not in _KINDS:
+            raise self._bad(f"its metadata 'kind' is {_short(kind)}, not one of {', '.join(_KINDS)} (the header "
+                            "is damaged)")
+        if "keys" in meta:
+            order = self._json_meta("keys")
+            if (not isinstance(order, list) or not all(isinstance(k, str) for k in order)
+                    or len(order) != len(self.keys) or set(order) != set(self.keys)):
+                raise self._bad("its metadata 'keys' is not a list of the file's tensor names (the header is "
+                                "damaged)")
+            self.keys = order
+        names = set(self.keys)
+        want = {"array"} if kind == "array" else None
+        if kind in ("list", "tuple"):
+            want = {str(i) for i in range(len(names))}
+        if want is not None and names != want:
+            raise self._bad(f"it says it holds a {kind} but its tensors are named {_short(sorted(names))} (the "
+                            "header is damaged)")
+        aliases = self._json_meta("aliases") if "aliases" in meta else {}
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            raise self._bad("its metadata 'aliases' is not a mapping of parameter paths to stored paths (the "
+                            "header is damaged)")
+        for alias, target in aliases.items():
+            if target not in names or target.startswith(_OPTIM) or alias in names or alias == target:
+                raise self._bad(f"its metadata ties {alias!r} to {target!r}, but the file "
+                                + ("stores a tensor under the alias itself" if alias in names else
+                                   "holds no such parameter tensor") + " (the header is damaged)")
+        self.aliases = aliases
+        steps = meta.get("optimizer_steps", "0")
+        if not (steps.isdigit() and steps.isascii()):
+            raise self._bad(f"its metadata 'optimizer_steps' is {_short(steps)}, not a step count (the header is "
+                            "damaged)")
+
+    def _json_meta(self, name: str):
+        try:
+            return json.loads(self.meta[name])
+        except (ValueError, RecursionError):
+            raise self._bad(f"its metadata {name!r} is not valid JSON (the header is damaged)") from None
 
     @property
     def kind(self) -> str:
-        return self.meta.get("kind", "dict")
+        return self.meta.get("kind", "dict") if self.meta.get("format") == "lamina" else "dict"
 
-    @property
-    def aliases(self) -> dict:
-        try:
-            return json.loads(self.meta.get("aliases", "{}"))
-        except ValueError as e:
-            raise CheckpointError(f"cannot load '{self.path}': its 'aliases' metadata is not valid JSON") from e
-
-    def _data_offsets(self):
-        """{key: (file offset, byte count)} from the header that safetensors has just validated, or None
-        where the raw bytes cannot be used as they are (a big-endian machine)."""
-        if sys.byteorder != "little":
-            return None
-        with open(self.path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-                for k, v in header.items() if k != "__metadata__"}
+    aliases: dict = {}
 
     def read_into(self, key, out: np.ndarray) -> bool:
         """Read tensor ``key`` straight into ``out``'s memory (one copy, no memory map). False when the
         bytes cannot go there directly (then use ``get``)."""
-        if self._offsets is None or not out.flags.c_contiguous or not out.flags.writeable:
+        if not out.flags.c_contiguous or not out.flags.writeable:
             return False
         offset, count = self._offsets[key]
         buf = memoryview(out.reshape(-1).view(np.uint8))
         if len(buf) != count:
             return False
-        if self._raw is None:
-            self._raw = open(self.path, "rb", buffering=0)  # unbuffered: readinto goes straight to `out`
         self._raw.seek(offset)
         done = 0
         while done < count:  # 8 MiB at a time: measured steadier than one huge read into fresh pages
             got = self._raw.readinto(buf[done:done + (8 << 20)])
-            if got <= 0:
-                raise CheckpointError(f"cannot read tensor {key!r} of '{self.path}': the file ended early "
-                                      "(was it changed while loading?)")
+            if not got:
+                raise self._bad(f"tensor {key!r} ends early: another program cut the file short while it was "
+                                "being loaded (lamina's own saves never change a file in place); a model being "
+                                "loaded from it may be partly updated: load again from a whole file")
             done += got
+        if sys.byteorder != "little" and out.dtype.itemsize > 1:
+            out.byteswap(inplace=True)
         return True
 
     def get(self, key) -> np.ndarray:
         """Tensor ``key`` as a new NumPy array."""
-        shape, dtype = self.specs[key]
-        if dtype in _ST_DTYPES.values():
-            from .parameter import _np_dtype
+        from .parameter import _np_dtype
 
-            out = np.empty(shape, _np_dtype(dtype))
-            # Touch the new pages first: page faults taken inside the kernel's read were measured to make
-            # loads bimodal (0.06 s or 0.34 s for 384 MB); faulting them here is steady (~0.09 s).
-            out.reshape(-1).view(np.uint8)[::4096] = 0
-            if self.read_into(key, out):
-                return out
-        try:
-            return self._f.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key!r} of '{self.path}': {e}") from None
+        shape, dtype = self.specs[key]
+        out = np.empty(shape, _np_dtype(dtype))
+        # Touch the new pages first: page faults taken inside the kernel's read were measured to make
+        # loads bimodal (0.06 s or 0.34 s for 384 MB); faulting them here is steady (~0.09 s).
+        out.reshape(-1).view(np.uint8)[::4096] = 0
+        self.read_into(key, out)
+        return out
 
     def close(self):
-        if self._raw is not None:
+        if self._fd >= 0:
             self._raw.close()
-        self._cm.__exit__(None, None, None)
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self):
         return self
@@ -295,46 +496,58 @@ class _Reader:
         self.close()
 
 
-def _diagnose_file(path: Path) -> str:
-    """Say in words what is wrong with a file that safetensors refused."""
+def _open_regular(path: Path) -> int:
+    """Open ``path`` for reading and make sure it is a regular file, without blocking: a FIFO opened
+    for reading would otherwise wait for a writer forever."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            header = f.read(n) if 0 <= n <= size - 8 else b""
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot load '{path}': no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"cannot load '{path}': it is a folder") from None
     except OSError as e:
-        return f"it cannot be read: {e.strerror}"
-    if size == 0:
-        return "the file is empty"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return ("it looks like a pickle or torch.save file; lamina never unpickles (loading a pickle can run "
-                "arbitrary code). Convert it once, in a trusted session, with lm.save(torch.load(...), path)")
-    if size < 8:
-        return "it is too short to be a safetensors file (truncated?)"
-    if n > size - 8:
-        return (f"it is not a safetensors file, or it is truncated: its header claims {n} bytes but the file has "
-                f"{size} bytes in all")
+        raise CheckpointError(f"cannot load '{path}': it cannot be opened ({e.strerror or e})") from None
     try:
-        entries = json.loads(header)
-        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError):
-        return "its header is not valid safetensors JSON (the file is damaged)"
-    if 8 + n + end > size:
-        return f"it is truncated: its header describes {8 + n + end} bytes but the file has only {size}"
-    return "it is not a valid safetensors file (damaged)"
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(f"cannot load '{path}': it is a folder")
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"cannot load '{path}': it is not a regular file (a FIFO, socket or device); "
+                                  "lamina loads checkpoints only from regular files")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _no_duplicates(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = [k for k, _ in pairs]
+        raise ValueError(f"duplicate key {next(k for k in seen if seen.count(k) > 1)!r}")
+    return d
+
+
+def _short(x, limit: int = 80) -> str:
+    text = repr(x) if not isinstance(x, BaseException) else str(x)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load(path, backend=None, device=None):
     """Load what ``save`` wrote: an array, a list, a tuple or a dict of arrays (a model checkpoint gives
     its ``{path: array}`` state dict). ``backend=`` picks the kind of arrays returned (default: the
     current backend); ``device=`` where they go. Any safetensors file loads, as a dict.
+
+    The file is read through one descriptor and fully validated first; any problem with it is a
+    ``CheckpointError`` that names it.
     """
     b = get_backend(backend)
     with _Reader(path) as r:
-        arrays = {k: b.from_numpy(r.get(k), device, copy=False) for k in r.keys}
         kind = r.kind
-    arrays = {k: v for k, v in arrays.items() if not k.startswith(_OPTIM)}
+        arrays = {k: b.from_numpy(r.get(k), device, copy=False) for k in r.keys if not k.startswith(_OPTIM)}
     if kind == "array":
         return arrays["array"]
     if kind in ("list", "tuple"):
@@ -348,22 +561,46 @@ def load_into(model: Module, path, *, strict: bool = True, allow_missing: bool =
     """Load a checkpoint file into ``model``'s parameters and buffers, all or nothing.
 
     See ``Module.load_state_dict`` for the rules. Tied parameters recorded in the file are tied in
-    ``model`` too. With ``optimizer``, its state and step count are restored from the file as well
-    (the file must hold them). Returns the model.
+    ``model`` too (and a tie in the model that the file does not have is an error). With ``optimizer``,
+    its state and step count are restored from the file as well (the file must hold them): the state is
+    read and handed to the optimizer first, and if it refuses it, neither it nor the model changes.
+    Returns the model.
     """
     with _Reader(path) as r:
         specs = {k: v for k, v in r.specs.items() if not k.startswith(_OPTIM)}
         optim_keys = [k for k in r.keys if k.startswith(_OPTIM)]
-        if optimizer is not None and not optim_keys:
-            raise CheckpointError(f"cannot restore the optimizer from '{r.path}': it holds no optimizer state "
-                                  "(save it with lm.save(model, path, optimizer=opt))")
-        if optimizer is not None and r.meta.get("optimizer") not in (None, type(optimizer).__name__):
-            raise CheckpointError(f"'{r.path}' holds {r.meta['optimizer']} state; cannot restore a "
-                                  f"{type(optimizer).__name__} from it")
-        plan = plan_load(model, specs, r.aliases, allow_missing or not strict, ignore_extra or not strict,
-                     source=f"'{r.path}'")
-        apply_load(model, plan, r.get, reader=r)
         if optimizer is not None:
-            optimizer.load_state_dict({k[len(_OPTIM):]: r.get(k) for k in optim_keys},
-                                      steps=int(r.meta.get("optimizer_steps", "0")))
+            _check_optimizer_file(r, optimizer, optim_keys)
+        plan = plan_load(model, specs, r.aliases, allow_missing or not strict, ignore_extra or not strict,
+                         source=f"'{r.path}'")
+        if optimizer is not None:
+            _restore_optimizer(r, model, optimizer, optim_keys)
+        apply_load(model, plan, r.get, reader=r)
     return model
+
+
+def _check_optimizer_file(r: _Reader, optimizer, optim_keys: list) -> None:
+    saved = r.meta.get("optimizer") if r.meta.get("format") == "lamina" else None
+    if saved is None and not optim_keys:
+        raise CheckpointError(f"cannot restore the optimizer from '{r.path}': it holds no optimizer state "
+                              "(save it with lm.save(model, path, optimizer=opt))")
+    if saved not in (None, type(optimizer).__name__):
+        raise CheckpointError(f"'{r.path}' holds {saved} state; cannot restore a {type(optimizer).__name__} "
+                              "from it")
+
+
+def _restore_optimizer(r: _Reader, model: Module, optimizer, optim_keys: list) -> None:
+    unbuilt = [k for k, p in model._index().entries if not p.is_built]
+    if unbuilt:
+        raise CheckpointError(f"cannot restore the optimizer from '{r.path}' into a model whose parameters "
+                              f"{unbuilt} have no shape yet; build the model first (model.build(input_shape) or "
+                              "one call), then load. Nothing was changed.")
+    state = {k[len(_OPTIM):]: r.get(k) for k in optim_keys}
+    steps = int(r.meta.get("optimizer_steps", "0")) if r.meta.get("format") == "lamina" else 0
+    try:
+        optimizer.load_state_dict(state, steps=steps)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot restore {type(optimizer).__name__} from '{r.path}': {e}. Neither the "
+                              "model nor the optimizer was changed.") from e

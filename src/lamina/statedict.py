@@ -22,38 +22,75 @@ _FLOATS = {"float16", "bfloat16", "float32", "float64"}
 
 # ----- the load plan: check everything, then write ------------------------------------------------
 def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_extra: bool, source: str):
-    """Match ``specs`` ({key: (shape, dtype name)}) to the model; raise one error listing every problem."""
+    """Match ``specs`` ({key: (shape, dtype name)}) and ``aliases`` ({alias path: stored key}) to the model;
+    raise one error listing every problem. Returns ``(assignments, retie)``: ``[(parameter, key)]`` to
+    write and ``[(path, parameter)]`` to tie.
+
+    Ties are matched as a whole: a parameter that the model shares between several paths must come from
+    one stored tensor (an untied checkpoint would otherwise lose one of its copies), and a tie recorded in
+    the file may only join parameters of the same kind (parameter or buffer), dtype, trainability and
+    shape."""
+    bad = [k for k in list(specs) + list(aliases) + list(aliases.values()) if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"cannot load {source} into {type(model).__name__}: keys must be strings (dotted "
+                        f"parameter paths such as '0.weight'), got {bad[:5]!r}")
     idx = model._index()
     paths = idx.paths
     missing, extra, mismatched, assignments, retie = [], [], [], [], []
-    matched: set[int] = set()
-    for key, (shape, dtype) in specs.items():
-        p = paths.get(key)
-        if p is None:
-            extra.append(key)
-            continue
-        problem = _check(p, shape, dtype)
-        if problem:
-            mismatched.append(f"{key}: {problem}")
-            matched.add(id(p))  # present, just wrong: not also "missing"
-            continue
-        if any(q is p for q, _ in assignments):
-            continue  # the same parameter under a second path: one write is enough
-        matched.add(id(p))
-        assignments.append((p, key))
     for alias, target in aliases.items():
-        a, t = paths.get(alias), paths.get(target)
-        if a is None:
-            extra.append(f"{alias} (alias of {target})")
-        elif t is not None and a is not t:
-            if a.shape != t.shape and a.is_built:
-                mismatched.append(f"{alias}: is tied to {target} in the file but has shape {a.shape} here")
-            else:
-                retie.append((alias, t))
-                matched.add(id(a))
+        if alias in specs or target not in specs:
+            mismatched.append(f"{alias}: tied to {target!r}, but "
+                              + ("a tensor is also stored under the alias itself" if alias in specs
+                                 else "no tensor is stored under that name"))
+    aliases = {a: t for a, t in aliases.items() if a not in specs and t in specs}
+
+    def source_of(path):
+        return path if path in specs else aliases.get(path)
+
+    groups: dict[int, list] = {}  # every path of each model parameter
+    for path, p in paths.items():
+        groups.setdefault(id(p), []).append(path)
+    used: set[str] = set()
+    targets: dict[str, object] = {}  # stored key -> the model parameter that receives it
     for path, p in idx.entries:
-        if id(p) not in matched and getattr(p, "persistent", True):
-            missing.append(path)
+        sources = {source_of(q) for q in groups[id(p)]} - {None}
+        if len(sources) > 1:
+            shared = ", ".join(groups[id(p)])
+            mismatched.append(f"{shared}: one shared parameter in the model, but the checkpoint holds separate "
+                              f"tensors {sorted(sources)} for them (loading would drop all but one; build the "
+                              "model without the sharing, or save it from a model that shares it)")
+            used |= sources
+            continue
+        if not sources:
+            if getattr(p, "persistent", True):
+                missing.append(path)
+            continue
+        key = sources.pop()
+        used.add(key)
+        targets.setdefault(key, []).append((path, p))
+    for key, owners in targets.items():
+        # the parameter at the stored key's own path receives the value; the others are tied to it
+        owners.sort(key=lambda e: e[0] != key and key not in groups[id(e[1])])
+        path, p = owners[0]
+        problem = _check(p, *specs[key])
+        if problem:
+            mismatched.append(f"{key}: {problem}" if key in groups[id(p)] else f"{path} (stored as {key}): {problem}")
+            continue
+        assignments.append((p, key))
+        for other_path, q in owners[1:]:
+            problem = _tie_problem(q, p, specs[key])
+            if problem:
+                mismatched.append(f"{other_path}: the checkpoint ties it to {key}, but {problem}")
+                continue
+            retie.extend((a, p) for a in groups[id(q)])
+    for key in specs:
+        if key not in used:
+            extra.append(key)
+    for alias, target in aliases.items():
+        if alias not in paths:
+            extra.append(f"{alias} (alias of {target})")
+    order = {k: i for i, k in enumerate(specs)}
+    assignments.sort(key=lambda e: order[e[1]])
     problems = []
     if missing and not allow_missing:
         problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
@@ -71,6 +108,22 @@ def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_ext
         raise CheckpointError(f"cannot load {source} into {type(model).__name__}; nothing was changed.\n  "
                               + "\n  ".join(problems) + ("\n  (" + "; ".join(fixes) + ")" if fixes else ""))
     return assignments, retie
+
+
+def _tie_problem(q, p, spec) -> str | None:
+    """Why parameter ``q`` may not be replaced by ``p`` (a tie recorded in a file), or None."""
+    def kind(x):
+        return "buffer" if x._is_buffer else "parameter"
+
+    if kind(q) != kind(p):
+        return f"it is a {kind(q)} in the model and {kind(p)} would replace it"
+    if q.dtype != p.dtype:
+        return f"it has dtype {q.dtype} in the model and the tied one {p.dtype}"
+    if bool(getattr(q, "trainable", False)) != bool(getattr(p, "trainable", False)):
+        return "one of them is trainable and the other is not"
+    if getattr(q, "persistent", True) != getattr(p, "persistent", True):
+        return "one of them is persistent and the other is not"
+    return _check(q, *spec)
 
 
 def _check(p, shape, dtype) -> str | None:
@@ -115,18 +168,22 @@ def apply_load(model, plan, fetch, reader=None) -> None:
     """Write the planned values. With a ``reader`` (a checkpoint file), a tensor whose parameter already
     has a value of the same shape and dtype in host memory is read from the file straight into that
     memory: no second copy and no memory map, so a load needs almost nothing beyond the model itself.
-    Other tensors are read as new arrays, which become the parameter's memory without another copy."""
+    Other tensors are read as new arrays, which become the parameter's memory without another copy.
+    A value written in place is reported to the backend (torch bumps the tensor's version counter), so
+    a backward pass through a graph recorded before the load raises, as after ``load_state_dict``."""
     assignments, retie = plan
-    idx = model._index()
     for alias, target in retie:  # tie first, so a retied parameter gets its value once
         owner_path, _, name = alias.rpartition(".")
-        owner = dict(idx.modules)[owner_path]
+        owner = model
+        for part in owner_path.split(".") if owner_path else ():
+            owner = owner._modules[part]  # (walks shared modules too: the index lists each module once)
         setattr(owner, name, target)
     for p, key in assignments:
         if reader is not None:
             view = p.backend.host_view(p._value) if p._value is not None else None
             if (view is not None and view.shape == reader.specs[key][0] and p.dtype == reader.specs[key][1]
                     and reader.read_into(key, view)):
+                p.backend.mark_written(p._value)
                 p._grad = None
                 continue
             p._assign(p.backend.from_numpy(reader.get(key), p._device, copy=False), fresh=True)

@@ -249,11 +249,12 @@ class Backend:
             scores = xp.where(mask, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
         return self.einsum("nhls,nshd->nlhd", self.softmax(scores, -1), v)
 
-    def fused_recurrent(self, kind: str, x, state, weights: list, num_layers: int, has_biases: bool):
+    def fused_recurrent(self, kind: str, x, state, weights: list, num_layers: int, has_biases: bool,
+                        bidirectional: bool = False):
         """A native multi-layer recurrent kernel, or None where the backend has none (then the layer runs
-        its cell through ``scan``). ``kind``: rnn_tanh, rnn_relu, gru, lstm; ``weights``: per layer
-        [w_ih, w_hh(, b_ih, b_hh)]; ``state``: h0, or (h0, c0) for lstm. Returns (outputs, h_n) or
-        (outputs, (h_n, c_n))."""
+        its cell through ``scan``). ``kind``: rnn_tanh, rnn_relu, gru, lstm; ``weights``: per layer (and
+        direction, torch's order) [w_ih, w_hh(, b_ih, b_hh)]; ``state``: h0, or (h0, c0) for lstm. Returns
+        (outputs, h_n) or (outputs, (h_n, c_n))."""
         return None
 
     def scan(self, fn, carry, xs):
