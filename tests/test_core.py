@@ -320,3 +320,17 @@ def test_no_tracer_is_left_behind_under_a_users_jit():
     jax.jit(lambda ps, x: lm.functional_call(m, ps, x))(params, x)
     np.testing.assert_array_equal(to_np(m.attention_weights), eager)  # the previous value, not a tracer
     m(x + 1)  # reads the attribute path again without UnexpectedTracerError
+
+
+def test_a_state_dict_listing_a_tie_under_both_paths_loads_when_the_values_agree(backend):
+    shared = lm.Linear(3, 3)
+    net = lm.Sequential(shared, lm.ReLU(), shared)
+    w = rand(3, 3)
+    state = {"0.weight": w, "0.bias": np.zeros(3, np.float32), "2.weight": w.copy(), "2.bias": np.zeros(3, np.float32)}
+    net.load_state_dict(state)
+    np.testing.assert_array_equal(net.get_parameter("2.weight").numpy(), w)
+    assert net[0].get_parameter("weight") is net[2].get_parameter("weight")
+    state["2.weight"] = w + 1  # disagreeing copies of one shared parameter: refused, nothing changed
+    with pytest.raises(lm.CheckpointError, match="one shared parameter"):
+        net.load_state_dict(state)
+    np.testing.assert_array_equal(net.get_parameter("0.weight").numpy(), w)

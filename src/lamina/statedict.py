@@ -21,7 +21,8 @@ _FLOATS = {"float16", "bfloat16", "float32", "float64"}
 
 
 # ----- the load plan: check everything, then write ------------------------------------------------
-def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_extra: bool, source: str):
+def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_extra: bool, source: str,
+              same=None):
     """Match ``specs`` ({key: (shape, dtype name)}) and ``aliases`` ({alias path: stored key}) to the model;
     raise one error listing every problem. Returns ``(assignments, retie)``: ``[(parameter, key)]`` to
     write and ``[(path, parameter)]`` to tie.
@@ -29,7 +30,9 @@ def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_ext
     Ties are matched as a whole: a parameter that the model shares between several paths must come from
     one stored tensor (an untied checkpoint would otherwise lose one of its copies), and a tie recorded in
     the file may only join parameters of the same kind (parameter or buffer), dtype, trainability and
-    shape."""
+    shape. ``same(key_a, key_b)``, where given, says whether two stored tensors are equal: then a shared
+    parameter may come from several keys that hold the same values (an in-memory mapping such as torch's
+    ``state_dict()``, which lists a tied weight under every path)."""
     bad = [k for k in list(specs) + list(aliases) + list(aliases.values()) if not isinstance(k, str)]
     if bad:
         raise TypeError(f"cannot load {source} into {type(model).__name__}: keys must be strings (dotted "
@@ -54,6 +57,11 @@ def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_ext
     targets: dict[str, object] = {}  # stored key -> the model parameter that receives it
     for path, p in idx.entries:
         sources = {source_of(q) for q in groups[id(p)]} - {None}
+        if len(sources) > 1 and same is not None:
+            first, *rest = sorted(sources)
+            if all(specs[first] == specs[k] and same(first, k) for k in rest):
+                used |= sources
+                sources = {first}
         if len(sources) > 1:
             shared = ", ".join(groups[id(p)])
             mismatched.append(f"{shared}: one shared parameter in the model, but the checkpoint holds separate "
