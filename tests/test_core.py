@@ -334,3 +334,13 @@ def test_a_state_dict_listing_a_tie_under_both_paths_loads_when_the_values_agree
     with pytest.raises(lm.CheckpointError, match="one shared parameter"):
         net.load_state_dict(state)
     np.testing.assert_array_equal(net.get_parameter("0.weight").numpy(), w)
+
+
+def test_int64_values_that_jax_would_wrap_are_refused():
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on: jax keeps int64")
+    b = lm.get_backend("jax")
+    with pytest.raises(ValueError, match="do not fit"):
+        b.from_numpy(np.array([1, 2**31 + 5], np.int64))
+    np.testing.assert_array_equal(np.asarray(b.from_numpy(np.array([-(2**31), 2**31 - 1]))), [-(2**31), 2**31 - 1])

@@ -50,7 +50,10 @@ class JaxBackend(Backend):
         return str(jax.dtypes.canonicalize_dtype(jnp.dtype(name))) if name != "bfloat16" else name
 
     def from_numpy(self, a, device=None, copy=True):
-        return jax.device_put(np.asarray(a), self._device(device))
+        a = np.asarray(a)
+        if a.dtype.kind in "iu" and a.dtype.itemsize == 8 and a.size and not jax.config.jax_enable_x64:
+            _check_fits_32_bits(a)
+        return jax.device_put(a, self._device(device))
 
     def _from_dlpack(self, x):
         return jnp.from_dlpack(x.detach() if hasattr(x, "detach") else x)
@@ -173,3 +176,13 @@ class JaxBackend(Backend):
             key = jax.random.key(key)
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
         return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _check_fits_32_bits(a: np.ndarray) -> None:
+    """Without x64, jax stores 64-bit integers as 32-bit ones and would silently wrap values that do not fit."""
+    small = np.iinfo(np.int32 if a.dtype.kind == "i" else np.uint32)
+    lo, hi = a.min(), a.max()
+    if lo < small.min or hi > small.max:
+        raise ValueError(f"{a.dtype} values from {lo} to {hi} do not fit the {small.dtype} that jax stores them as "
+                         "(jax_enable_x64 is off), and would wrap around silently; enable it with "
+                         "jax.config.update('jax_enable_x64', True) before creating arrays, or use smaller values")
