@@ -172,7 +172,17 @@ def pool(x, kind: str, window, stride=None, padding=0):
         raise ValueError(f"pool: expects inputs (N, C, *spatial), got shape {tuple(x.shape)}")
     window = int_tuple(window, n, "window")
     stride = window if stride is None else int_tuple(stride, n, "stride")
-    return _backend(x).pool(x, kind, window, stride, resolve_padding(padding, window, stride, (1,) * n))
+    b = _backend(x)
+    dtype = b.dtype_name(x)
+    if not dtype.startswith(("float", "bfloat")):
+        raise TypeError(f"pool: takes floating-point input, got {dtype}; cast it first, e.g. "
+                        "lm.ops.astype(x, 'float32')")
+    pads = resolve_padding(padding, window, stride, (1,) * n)
+    small = [i for i, (size, w, (lo, hi)) in enumerate(zip(x.shape[2:], window, pads)) if size + lo + hi < w]
+    if small:
+        raise ValueError(f"pool: spatial axis {small[0] + 2} of the input (shape {tuple(x.shape)}) is smaller than "
+                         f"the window {window} even with padding {pads}")
+    return b.pool(x, kind, window, stride, pads)
 
 
 def max_pool(x, window, stride=None, padding=0):
@@ -310,13 +320,16 @@ def stop_gradient(x):
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 
-def recurrent(x, weights, state=None, kind: str = "lstm"):
+def recurrent(x, weights, state=None, kind: str = "lstm", bidirectional: bool = False):
     """A multi-layer recurrent network over a batch-first sequence, torch's equations and gate orders.
 
     ``kind``: ``"rnn_tanh"``, ``"rnn_relu"``, ``"gru"`` (gates r, z, n) or ``"lstm"`` (i, f, g, o).
     ``x`` (N, T, F); ``weights``: per layer ``(w_ih (G*H, in), w_hh (G*H, H), b_ih (G*H,) or None,
     b_hh (G*H,) or None)`` in torch's layout; ``state``: h0 (layers, N, H), for lstm ``(h0, c0)``, or None
     for zeros (NumPy is fine). Returns ``(outputs (N, T, H), h_n)``, for lstm ``(outputs, (h_n, c_n))``.
+    ``bidirectional=True``: torch's layout, ``weights`` per layer then direction (``l0``, ``l0_reverse``,
+    ``l1``, ...), the reverse direction reads the sequence backwards, outputs (N, T, 2H) (forward half
+    first), states (2 * layers, N, H); layers after the first take 2H input features.
     Runs the backend's fused kernel where it has one (torch: ``torch.lstm`` & co.), else the cell through
     ``scan``. Input and state sizes are checked (``ValueError``) before any kernel runs.
 
@@ -333,11 +346,15 @@ def recurrent(x, weights, state=None, kind: str = "lstm"):
     if not weights:
         raise ValueError("recurrent: weights must hold (w_ih, w_hh, b_ih, b_hh) for at least one layer")
     w_ih, w_hh = weights[0][0], weights[0][1]
-    hidden, num_layers = w_hh.shape[1], len(weights)
+    dirs = 2 if bidirectional else 1
+    if len(weights) % dirs:
+        raise ValueError(f"recurrent: bidirectional weights come in (forward, reverse) pairs per layer, got "
+                         f"{len(weights)} entries")
+    hidden, num_layers = w_hh.shape[1], len(weights) // dirs
     if x.ndim != 3 or x.shape[2] != w_ih.shape[1]:
         raise ValueError(f"recurrent ({kind}): weights for {w_ih.shape[1]} input features need input (N, T, "
                          f"{w_ih.shape[1]}), got shape {tuple(x.shape)}")
-    expected = (num_layers, x.shape[0], hidden)
+    expected = (num_layers * dirs, x.shape[0], hidden)
     xp = b.xp
     lstm = kind == "lstm"
     if state is None:
@@ -359,24 +376,32 @@ def recurrent(x, weights, state=None, kind: str = "lstm"):
                                  f"got {tuple(s.shape)}")
     has_biases = weights[0][2] is not None
     flat = [w for layer in weights for w in (layer if has_biases else layer[:2])]
-    fused = b.fused_recurrent(kind, x, state, flat, num_layers, has_biases)
+    fused = b.fused_recurrent(kind, x, state, flat, num_layers, has_biases, bidirectional=bidirectional)
     if fused is not None:
         return fused
     cell = _cell(b, kind, hidden)
     finals = []
-    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-        proj = x @ xp.permute_dims(w_ih, (1, 0))  # every time step's input projection in one matmul
-        if b_ih is not None:
-            proj = proj + b_ih
-        w_hh_t = xp.permute_dims(w_hh, (1, 0))
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            proj = x @ xp.permute_dims(w_ih, (1, 0))  # every time step's input projection in one matmul
+            if b_ih is not None:
+                proj = proj + b_ih
+            w_hh_t = xp.permute_dims(w_hh, (1, 0))
 
-        def step(carry, p_t, w_hh_t=w_hh_t, b_hh=b_hh):
-            return cell(carry, p_t, w_hh_t, b_hh)
+            def step(carry, p_t, w_hh_t=w_hh_t, b_hh=b_hh):
+                return cell(carry, p_t, w_hh_t, b_hh)
 
-        carry0 = (state[0][k], state[1][k]) if lstm else state[k]
-        carry, ys = b.scan(step, carry0, xp.permute_dims(proj, (1, 0, 2)))
-        finals.append(carry)
-        x = xp.permute_dims(ys, (1, 0, 2))
+            carry0 = (state[0][k], state[1][k]) if lstm else state[k]
+            steps = xp.permute_dims(proj, (1, 0, 2))  # time major
+            if d:  # the reverse direction reads the sequence backwards; its outputs stay aligned with time
+                steps = xp.flip(steps, axis=0)
+            carry, ys = b.scan(step, carry0, steps)
+            finals.append(carry)
+            outs.append(xp.flip(ys, axis=0) if d else ys)
+        x = xp.permute_dims(outs[0] if dirs == 1 else xp.concat(outs, axis=-1), (1, 0, 2))
     if lstm:
         return x, (xp.stack([h for h, _ in finals]), xp.stack([c for _, c in finals]))
     return x, xp.stack(finals)
