@@ -7,7 +7,7 @@ The figure is reference time / lamina time (higher is better); target at least 0
 On jax both sides are ``jax.jit(jax.grad(...))`` of the same loss; lamina's side runs the model through
 ``lm.functional_call``, as its compiled train step does.
 
-Run: python bench/layers.py [--backends torch jax] [--rounds 5] [--only conv lstm mha]
+Run: python bench/layers.py [--backends torch jax] [--rounds 5] [--only conv lstm mha] [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -35,40 +35,47 @@ def first(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-def torch_reference(name, layer):
+def torch_reference(name, layer, device="cpu"):
     import torch
 
-    sd = {k: torch.from_numpy(np.array(v.detach().numpy())) for k, v in layer.state_dict().items()}
+    sd = {k: torch.from_numpy(np.array(v.detach().cpu().numpy())) for k, v in layer.state_dict().items()}
     if name == "conv":
         ref = torch.nn.Conv2d(32, 64, 3, padding="same")
         ref.load_state_dict(sd)
+        ref.to(device)
         return lambda x: ref(x)
     if name == "lstm":
         ref = torch.nn.LSTM(128, 128, batch_first=True)
         ref.load_state_dict(sd)
+        ref.to(device)
         return lambda x: ref(x)[0]
     ref = torch.nn.MultiheadAttention(256, 8, batch_first=True)
     ref.load_state_dict({"in_proj_weight": sd["in_proj_weight"], "in_proj_bias": sd["in_proj_bias"],
                          "out_proj.weight": sd["out_proj_weight"], "out_proj.bias": sd["out_proj_bias"]})
+    ref.to(device)
     return lambda x: ref(x, x, x, need_weights=False)[0]
 
 
-def bench_torch(name, rounds):
+def bench_torch(name, rounds, device="cpu"):
     import torch
 
     lm.set_backend("torch")
     lm.manual_seed(0)
     title, shape, make = CASES[name]
     layer = make()
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32)).to(device)
     layer.build(shape)
-    ref = torch_reference(name, layer)
+    ref = torch_reference(name, layer, device)
+    layer.to(device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run_lamina():
         first(layer(x)).sum().backward()
+        sync()
 
     def run_ref():
         ref(x).sum().backward()
+        sync()
 
     t = interleaved({"lamina": run_lamina, "torch.nn": run_ref}, number=3, rounds=rounds, warmup=1)
     return title, t
@@ -129,11 +136,15 @@ def main():
     ap.add_argument("--backends", nargs="*", default=[b for b in lm.available_backends() if b != "numpy"])
     ap.add_argument("--only", nargs="*", default=list(CASES))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="torch's device, e.g. cuda:0 (jax uses its default device)")
     args = ap.parse_args()
     summary = []
     for name in args.only:
         for backend in args.backends:
-            title, t = (bench_torch if backend == "torch" else bench_jax)(name, args.rounds)
+            if backend == "torch":
+                title, t = bench_torch(name, args.rounds, args.device)
+            else:
+                title, t = bench_jax(name, args.rounds)
             ref = "torch.nn" if backend == "torch" else "jax.jit"
             ratio = t[ref] / t["lamina"]
             print(f"[{backend}] {title}: lamina {t['lamina'] * 1e3:.2f} ms, {ref} {t[ref] * 1e3:.2f} ms, "
