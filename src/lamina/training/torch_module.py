@@ -67,6 +67,23 @@ def _torch_module_class():
                         tensors[path].copy_(value)
             return out
 
+        def gather_into_model(self) -> None:
+            """Copy the module's current values into the Lamina model's own tensors, in place. After FSDP2's
+            ``fully_shard`` the module holds ``DTensor`` shards and the Lamina parameters keep the values they had
+            when it was wrapped: call this (on every rank: it all-gathers) before using, evaluating or saving
+            the Lamina model. With DDP or no wrapper the tensors are shared already and nothing is copied."""
+            model = self.lamina_model
+            values = dict(model.named_parameters())
+            values.update(dict(model.named_buffers()))
+            with torch.no_grad():
+                for path, owner, name in self._paths:
+                    t = owner._parameters.get(name)
+                    t = t if t is not None else owner._buffers[name]
+                    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+                    target = values[path].value
+                    if full is not target:
+                        target.copy_(full.detach())
+
     _CLASS.append(LaminaTorchModule)
     return LaminaTorchModule
 

@@ -1,0 +1,223 @@
+"""Data-parallel training on torch.distributed: 2 processes on the gloo backend on CPU, launched as torchrun
+would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), against a hand loop in plain torch in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+WORKER = textwrap.dedent(r'''
+    import json, os, sys, time
+    import numpy as np
+    import torch
+    import lamina as lm
+    from lamina import distributed as ld
+
+    scenario, out = sys.argv[1], sys.argv[2]
+    ld.initialize("gloo", timeout=float(os.environ.get("LM_TIMEOUT", "60")))
+    rank = ld.rank()
+    lm.set_backend("torch")
+    torch.set_num_threads(1)
+
+    def data():
+        g = np.random.default_rng(1)
+        x = g.normal(size=(256, 8)).astype("float32")
+        y = (x[:, :1] * 2 - x[:, 1:2] + 0.1 * g.normal(size=(256, 1))).astype("float32")
+        return x, y
+
+    def net(width=16):
+        lm.manual_seed(0)
+        m = lm.Sequential(lm.Linear(8, width), lm.ReLU(), lm.Linear(width, 1))
+        m.build((32, 8))
+        return m
+
+    def dump(name, model):
+        np.savez(os.path.join(out, f"{name}-{rank}.npz"),
+                 **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+
+    x, y = data()
+    if scenario == "fit":
+        model = net()
+        opt = lm.optim.SGD(model, lr=0.05)
+        stop = lm.EarlyStopping(monitor="val_loss", patience=100)
+        ckpt = lm.Checkpoint(os.path.join(out, "ckpt-{epoch}.safetensors"))
+        h = lm.fit(model, lm.losses.mse, opt, (x, y), epochs=2, batch_size=32, validation_data=(x[:100], y[:100]),
+                   callbacks=[stop, ckpt], progress=False)
+        dump("fit", model)
+        ld.save_sharded(model, os.path.join(out, "sharded"), optimizer=opt)
+        json.dump(h.history, open(os.path.join(out, f"history-{rank}.json"), "w"))
+        # a user's own loop: DDP over the adapter with torch.optim, and FSDP2 with lm.optim
+        m2 = net()
+        ddp = torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m2))
+        topt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        for s in range(4):
+            sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
+            topt.zero_grad()
+            loss = ((ddp(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
+            loss.backward()
+            topt.step()
+        dump("ddp", m2)
+        from torch.distributed.fsdp import fully_shard
+        m3 = net()
+        mod = lm.as_torch_module(m3)
+        fully_shard(mod)
+        fopt = torch.optim.SGD(mod.parameters(), lr=0.05)
+        for s in range(4):
+            sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
+            fopt.zero_grad()
+            loss = ((mod(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
+            loss.backward()
+            fopt.step()
+        mod.gather_into_model()
+        dump("fsdp", m3)
+    elif scenario == "mismatch":
+        model = net(16 if rank == 0 else 12)
+        try:
+            lm.fit(model, lm.losses.mse, lm.optim.SGD(model, lr=0.05), (x, y), batch_size=32, progress=False)
+        except ld.DistributedError as e:
+            open(os.path.join(out, f"error-{rank}.txt"), "w").write(str(e))
+    elif scenario == "uneven":
+        model = net()
+        n = 4 if rank == 0 else 2  # different batch counts: must not deadlock
+        batches = ((x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(rank, 2 * n, 2))
+        h = lm.fit(model, lm.losses.mse, lm.optim.SGD(model, lr=0.05), batches, progress=False)
+        json.dump(h.history, open(os.path.join(out, f"history-{rank}.json"), "w"))
+    elif scenario == "die":
+        model = net()
+
+        class Die(lm.Callback):
+            def on_batch_end(self, batch, logs):
+                if rank == 1 and batch == 2:
+                    os._exit(3)
+
+        t0 = time.time()
+        try:
+            lm.fit(model, lm.losses.mse, lm.optim.SGD(model, lr=0.05), (x, y), epochs=50, batch_size=4,
+                   callbacks=[Die()], progress=False)
+        except Exception as e:
+            open(os.path.join(out, f"error-{rank}.txt"), "w").write(f"{time.time() - t0:.1f} {type(e).__name__}: {e}")
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, scenario, world=2, timeout_env="60", wait=60):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LM_TIMEOUT": timeout_env,
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), scenario, str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    t0 = time.time()
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(1, wait - (time.time() - t0)))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"{scenario}: the ranks did not finish within {wait}s (hang)") from None
+    return [p.returncode for p in procs], outs
+
+
+def _reference(epochs_steps, lr=0.05):
+    """1 process, batch 64, plain torch (no Lamina in the training): the same global batches."""
+    import lamina as lm
+
+    lm.set_backend("torch")
+    lm.manual_seed(0)
+    init = lm.Sequential(lm.Linear(8, 16), lm.ReLU(), lm.Linear(16, 1))
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in init.state_dict().items()}
+    g = np.random.default_rng(1)
+    x = g.normal(size=(256, 8)).astype("float32")
+    y = (x[:, :1] * 2 - x[:, 1:2] + 0.1 * g.normal(size=(256, 1))).astype("float32")
+    opt = torch.optim.SGD(list(w.values()), lr=lr)
+    rng = np.random.default_rng(0)
+    for order in epochs_steps(rng):
+        for s in range(0, 256, 64):
+            idx = order[s:s + 64]
+            xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+            out = torch.relu(xb @ w["0.weight"] + w["0.bias"]) @ w["2.weight"] + w["2.bias"]
+            opt.zero_grad()
+            ((out - yb) ** 2).mean().backward()
+            opt.step()
+    return {k: v.detach().numpy() for k, v in w.items()}, x, y
+
+
+def test_two_ranks_batch_32_equal_one_process_batch_64(tmp_path):
+    rcs, outs = _launch(tmp_path, "fit")
+    assert rcs == [0, 0], outs
+    ref, x, y = _reference(lambda rng: [rng.permutation(256) for _ in range(2)])
+    fixed, _, _ = _reference(lambda rng: [np.arange(256)] * 1)  # the user loops: 4 unshuffled steps of 64
+    ref_fit = dict(np.load(tmp_path / "fit-0.npz"))
+    for r in range(2):
+        got = np.load(tmp_path / f"fit-{r}.npz")
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-6, err_msg=f"fit rank {r} {k}")
+        for name in ("ddp", "fsdp"):
+            got = np.load(tmp_path / f"{name}-{r}.npz")
+            for k in fixed:
+                np.testing.assert_allclose(got[k], fixed[k], atol=1e-6, err_msg=f"{name} rank {r} {k}")
+    h0, h1 = (json.loads((tmp_path / f"history-{r}.json").read_text()) for r in range(2))
+    assert h0 == h1  # figures reduced over the ranks: every rank logs the same
+    # val_loss over all 100 validation rows (each rank evaluated 50) == the mean over the whole set, by hand
+    w = {k: torch.from_numpy(v) for k, v in np.load(tmp_path / "fit-0.npz").items()}
+    xb, yb = torch.from_numpy(x[:100]), torch.from_numpy(y[:100])
+    out = torch.relu(xb @ w["0.weight"] + w["0.bias"]) @ w["2.weight"] + w["2.bias"]
+    assert h0["val_loss"][-1] == pytest.approx(float(((out - yb) ** 2).mean()), rel=1e-5)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors")) == ["ckpt-1.safetensors", "ckpt-2.safetensors"]
+    # the sharded checkpoint of 2 ranks: 2 shards + the index, loads into 1 process (here, on jax too)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2 and index["metadata"]["world_size"] == 2
+    import lamina as lm
+
+    for backend in ("torch", "jax"):
+        lm.set_backend(backend)
+        m = lm.Sequential(lm.Linear(8, 16), lm.ReLU(), lm.Linear(16, 1))
+        opt = lm.optim.SGD(m, lr=0.05)
+        lm.distributed.load_sharded(m, tmp_path / "sharded", optimizer=opt)
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(lm.get_backend(backend).to_numpy(v), ref_fit[k], err_msg=k)
+        assert opt.steps == 8
+
+
+def test_models_that_differ_are_named_at_the_start(tmp_path):
+    rcs, outs = _launch(tmp_path, "mismatch")
+    assert rcs == [0, 0], outs
+    for r in range(2):
+        msg = (tmp_path / f"error-{r}.txt").read_text()
+        assert "'0.weight'" in msg and "(8, 16)" in msg and "(8, 12)" in msg, msg
+
+
+def test_different_batch_counts_do_not_deadlock(tmp_path):
+    rcs, outs = _launch(tmp_path, "uneven", wait=40)
+    assert rcs == [0, 0], outs
+    h0, h1 = (json.loads((tmp_path / f"history-{r}.json").read_text()) for r in range(2))
+    assert h0 == h1
+
+
+def test_a_dead_rank_stops_the_others_with_an_error(tmp_path):
+    rcs, outs = _launch(tmp_path, "die", timeout_env="10", wait=45)
+    assert rcs[1] == 3
+    text = (tmp_path / "error-0.txt").read_text()
+    seconds = float(text.split()[0])
+    assert seconds < 30, text
+    assert "DistributedError" in text and "another rank" in text, text
