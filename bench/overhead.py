@@ -2,8 +2,9 @@
 
 Models: CenteredLayer on a 5-vector; Linear(64, 8) on (2, 64); an 8-layer MLP (64 wide, ReLU) on (32, 64).
 References: torch.nn.Module and raw torch ops (torch backend), raw jax.numpy (jax backend), raw numpy
-(numpy backend). Targets: torch backend no slower than torch.nn (ratio <= 1.0); jax and numpy within
-1.2x of the raw ops.
+(numpy backend), raw TensorFlow ops on tf.Variables and the same models as keras.layers.Layer subclasses
+(tensorflow backend). Targets: torch backend no slower than torch.nn (ratio <= 1.0); jax, numpy and
+tensorflow within 1.2x of the raw ops.
 
 Run: python bench/overhead.py [--backends torch jax numpy] [--rounds 15]
 For stable figures pin one core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/overhead.py
@@ -103,6 +104,60 @@ def raw_refs(models, xs, mod):
     return {"centered": lambda x: x - x.mean(), "linear": lambda x: x @ lw + lb, "mlp8": raw_mlp}
 
 
+def tf_refs(models, xs):
+    """Raw TensorFlow ops on tf.Variables, and each model as a keras.layers.Layer, with the lamina weights."""
+    import keras
+    import tensorflow as tf
+
+    def var(a):
+        return tf.Variable(a)
+
+    raw_w = [(var(w), var(b)) for w, b in weights_of(models["mlp8"])]
+    lw, lb = var(models["linear"].get_parameter("weight").numpy()), var(models["linear"].get_parameter("bias").numpy())
+
+    def raw_mlp(x):
+        for i, (w, b) in enumerate(raw_w):
+            x = tf.matmul(x, w) + b
+            if i < 7:
+                x = tf.nn.relu(x)
+        return x
+
+    class KCentered(keras.layers.Layer):
+        def call(self, X):
+            return X - tf.reduce_mean(X)
+
+    class KLinear(keras.layers.Layer):  # the textbook's MyDense, with given weights
+        def __init__(self, w, b):
+            super().__init__()
+            self.w = self.add_weight(shape=w.shape, initializer=keras.initializers.Constant(w))
+            self.b = self.add_weight(shape=b.shape, initializer=keras.initializers.Constant(b))
+
+        def call(self, X):
+            return tf.matmul(X, self.w) + self.b
+
+    class KMLP(keras.layers.Layer):
+        def __init__(self, weights):
+            super().__init__()
+            self.layers_ = [KLinear(w, b) for w, b in weights]
+
+        def call(self, x):
+            for i, layer in enumerate(self.layers_):
+                x = layer(x)
+                if i < 7:
+                    x = tf.nn.relu(x)
+            return x
+
+    k = {"centered": KCentered(), "mlp8": KMLP(weights_of(models["mlp8"])),
+         "linear": KLinear(models["linear"].get_parameter("weight").numpy(),
+                           models["linear"].get_parameter("bias").numpy())}
+    raw = {"centered": lambda x: x - tf.reduce_mean(x), "linear": lambda x: tf.matmul(x, lw) + lb, "mlp8": raw_mlp}
+    for name in xs:
+        for ref in (k, raw):
+            np.testing.assert_allclose(ref[name](xs[name]).numpy(), models[name](xs[name]).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+    return {"raw tf": raw, "keras.layers.Layer": k}
+
+
 def run(backend: str, rounds: int) -> dict:
     lm.set_backend(backend)
     lm.manual_seed(0)
@@ -118,6 +173,8 @@ def run(backend: str, rounds: int) -> dict:
         import jax.numpy as jnp
 
         refs = {"raw jax.numpy": raw_refs(models, xs, jnp)}
+    elif backend == "tensorflow":
+        refs = tf_refs(models, xs)
     else:
         refs = {"raw numpy": raw_refs(models, xs, np)}
     sync = (lambda y: y.block_until_ready()) if backend == "jax" else (lambda y: y)
@@ -140,10 +197,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
     summary = {b: run(b, args.rounds) for b in args.backends}
-    print("\nSummary (lamina time / reference time; target: torch.nn <= 1.0, raw jax/numpy <= 1.2)")
+    print("\nSummary (lamina time / reference time; target: torch.nn <= 1.0, raw jax/numpy/tf <= 1.2)")
     for b, by_model in summary.items():
         for model, ratios in by_model.items():
-            print(f"  {b:<6} {model:<9} " + "  ".join(f"{ref}: {r:.3f}" for ref, r in ratios.items()))
+            print(f"  {b:<10} {model:<9} " + "  ".join(f"{ref}: {r:.3f}" for ref, r in ratios.items()))
 
 
 if __name__ == "__main__":

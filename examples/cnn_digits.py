@@ -42,7 +42,7 @@ def main(backend: str, epochs: int, out: str, progress: bool | None) -> float:
     lm.set_backend("numpy")
     served = cnn()
     lm.load_into(served, path)  # weights, BatchNorm running statistics, all from the file
-    accuracy = float((served.predict(x_test).argmax(1) == y_test).mean())
+    accuracy = float((lm.predict(served, x_test).argmax(1) == y_test).mean())
     print(f"reloaded on numpy: test accuracy {accuracy:.4f}")
     return accuracy
 

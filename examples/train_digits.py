@@ -80,11 +80,11 @@ def main(backend: str, epochs: int, out: str, progress: bool | None) -> float:
     history.plot(os.path.join(out, "digits_loss.png"), title=f"DigitNet on {backend}")
     print(f"saved {path} and {os.path.join(out, 'digits_loss.png')}")
 
-    trained = lm.get_backend().to_numpy(net.predict(x_test)).argmax(1)
+    trained = lm.get_backend().to_numpy(lm.predict(net, x_test)).argmax(1)
     lm.set_backend("numpy")
     served = DigitNet()
     lm.load_into(served, path)  # a never-called model: the lazy layers take their shapes from the file
-    logits = served.predict(x_test)
+    logits = lm.predict(served, x_test)
     predicted = logits.argmax(1)
     accuracy = float((predicted == y_test).mean())
     print(f"reloaded on numpy: test accuracy {accuracy:.4f}; predictions identical to {backend}'s: "

@@ -9,13 +9,10 @@ import pytest
 
 import lamina as lm
 
-# tensorflow is left out of the shared fixture: with torch loaded in the same process, TensorFlow 2.21's CPU
-# kernels abort the interpreter (tensor.cc "Check failed: IsAligned()"); tests/test_tensorflow.py and
-# tests/test_export.py run its checks in fresh processes instead.
-# LAMINA_TEST_BACKENDS=torch,tensorflow,numpy picks the backends explicitly (a run of its own for tensorflow).
+# Every installed backend, tensorflow included; LAMINA_TEST_BACKENDS=torch,numpy picks the backends explicitly.
 BACKENDS = (os.environ["LAMINA_TEST_BACKENDS"].split(",") if os.environ.get("LAMINA_TEST_BACKENDS")
-            else [b for b in lm.available_backends() if b != "tensorflow"])
-GRAD_BACKENDS = [b for b in BACKENDS if b in ("torch", "jax")]
+            else lm.available_backends())
+GRAD_BACKENDS = [b for b in BACKENDS if lm.get_backend(b).has_autodiff]
 
 
 @pytest.fixture(params=BACKENDS)

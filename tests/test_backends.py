@@ -53,13 +53,7 @@ def test_parameters_default_to_float32(backend):
 
 
 def foreign_array(owner):
-    if owner == "torch":
-        import torch
-
-        return torch.ones(2, 3)
-    import jax.numpy as jnp
-
-    return jnp.ones((2, 3))
+    return lm.get_backend(owner).from_numpy(np.ones((2, 3), np.float32))
 
 
 @pytest.mark.parametrize(("model_backend", "input_backend"),

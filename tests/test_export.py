@@ -10,22 +10,9 @@ import pytest
 
 import lamina as lm
 
-pytest.importorskip("tensorflow")
+from conftest import CenteredLayer, MyLinear
 
-MAKE = textwrap.dedent('''
-    import sys
-    sys.path.insert(0, "tests")
-    import numpy as np, lamina as lm
-    from conftest import CenteredLayer, MyLinear
-    lm.set_backend("numpy"); lm.manual_seed(0)
-    net = lm.Sequential(MyLinear(64, 8), CenteredLayer(), lm.Linear(1))   # a numpy model: exported from a copy
-    x = np.random.default_rng(0).random((5, 64)).astype("float32")
-    np.save(sys.argv[1] + "/x.npy", x); np.save(sys.argv[1] + "/y.npy", net(x))
-    lm.export(net, sys.argv[1] + "/served", input_shape=(None, 64))
-    lm.export(net, sys.argv[1] + "/net.tflite", format="tflite", input_shape=(None, 64))
-    assert net.backend == "numpy"
-    print("OK")
-''')
+pytest.importorskip("tensorflow")
 
 SERVE = textwrap.dedent('''
     import sys
@@ -50,8 +37,30 @@ def run(code, *args):
 
 
 def test_saved_model_and_tflite_serve_without_lamina(tmp_path):
-    run(MAKE, str(tmp_path))
-    run(SERVE, str(tmp_path))
+    lm.set_backend("numpy")
+    lm.manual_seed(0)
+    net = lm.Sequential(MyLinear(64, 8), CenteredLayer(), lm.Linear(1))  # a numpy model: exported from a copy
+    x = np.random.default_rng(0).random((5, 64)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", net(x))  # the numpy backend's outputs: the reference
+    lm.export(net, tmp_path / "served", input_shape=(None, 64))
+    lm.export(net, tmp_path / "net.tflite", format="tflite", input_shape=(None, 64))
+    assert net.backend == "numpy"
+    run(SERVE, str(tmp_path))  # plain TensorFlow in a fresh process, lamina never imported
+
+
+class PeeksAtValues(lm.Module):
+    """Branches in Python on an array's value: runs eagerly, cannot be traced into a graph."""
+
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_a_layer_that_cannot_be_traced_is_named(tmp_path):
+    lm.set_backend("tensorflow")
+    net = lm.Sequential(lm.Linear(4, 3), PeeksAtValues())
+    with pytest.raises(lm.LayerError, match="could not be traced by tf.function.*no Python branches"):
+        lm.export(net, tmp_path / "m", input_shape=(None, 4))
 
 
 def test_bad_requests_are_clear(tmp_path):

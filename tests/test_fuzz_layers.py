@@ -15,11 +15,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import to_np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lamina as lm
+
+from conftest import to_np
 
 EXAMPLES = int(os.environ.get("LAMINA_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

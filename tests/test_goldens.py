@@ -4,6 +4,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 import lamina as lm
 
@@ -47,13 +48,16 @@ def numpy_forward(v, x):
 
 
 def test_golden_arrays_load_with_exact_dtypes_and_values(backend):
+    if backend == "jax" and not __import__("jax").config.jax_enable_x64:
+        # the file's int64 values reach 1.1e10: jax without x64 would wrap them to int32 (issue 10), so it refuses
+        with pytest.raises(ValueError, match="do not fit the int32"):
+            lm.load(GOLDENS / "v1_arrays.safetensors")
+        return
     back = lm.load(GOLDENS / "v1_arrays.safetensors")
     want = expected_arrays()
     assert list(back) == list(want)
     for k, v in want.items():
         got = to_np(back[k])
-        if backend == "jax" and v.dtype.itemsize == 8:
-            v = v.astype(v.dtype.str.replace("8", "4"))  # jax without x64: 64-bit types become 32-bit
         assert got.dtype == v.dtype, k
         np.testing.assert_array_equal(got, v)
 

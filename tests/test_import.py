@@ -23,8 +23,9 @@ def test_public_api_is_pinned():
     assert sorted(lm.__all__) == sorted([
         "Module", "Parameter", "Buffer", "init", "ops", "manual_seed",
         "set_backend", "get_backend", "backend_of", "available_backends", "devices",
-        "save", "load", "load_into", "export",
-        "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint",
+        "save", "load", "load_into", "load_torch", "export",
+        "fit", "evaluate", "predict", "compile", "History", "Callback", "EarlyStopping", "Checkpoint",
+        "distributed", "as_torch_module",
         "losses", "optim", "testing",
         "functional_call", "value_and_grad",
         "Linear", "Sequential", "ModuleList", "ModuleDict", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU",

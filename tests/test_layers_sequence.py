@@ -121,7 +121,8 @@ def test_attention_gradients_match_torch(grad_backend):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: lm.RNN(4, num_layers=2), lambda: lm.GRU(3), lambda: lm.LSTM(3, 2),
+@pytest.mark.parametrize("make", [lambda: lm.RNN(4, num_layers=2), lambda: lm.GRU(3),
+                                  lambda: lm.LSTM(3, num_layers=2),
                                   lambda: lm.MultiHeadAttention(6, 3)], ids=["RNN", "GRU", "LSTM", "MHA"])
 def test_check_layer_passes(backend, make):
     layer = make()

@@ -369,7 +369,7 @@ class MakesArrays(lm.Module):
 
 def test_creation_inside_forward_uses_the_modules_backend(backend):
     model = MakesArrays()
-    other = {"torch": "numpy", "jax": "numpy", "numpy": "jax" if "jax" in BACKENDS else "numpy"}
+    other = {"torch": "numpy", "jax": "numpy", "tensorflow": "numpy", "numpy": "jax" if "jax" in BACKENDS else "numpy"}
     lm.set_backend(other[backend])  # the current backend is not the module's: the module wins
     out = model(lm.get_backend(backend).from_numpy(np.ones(3, np.float32)))
     for name, v in out.items():

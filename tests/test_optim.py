@@ -100,9 +100,10 @@ def test_state_dict_round_trip_and_cross_backend_state(tmp_path):
         state = {k: to_np(v) for k, v in opt.state_dict().items()}
         assert set(state) == {"0/step", "0/exp_avg", "0/exp_avg_sq"} and float(state["0/step"]) == 5
         results[backend] = state
-    if len(results) == 2:  # same names and values on both backends: the state is portable
-        for k in results["torch"]:
-            np.testing.assert_allclose(results["jax"][k], results["torch"][k], rtol=1e-5, atol=1e-7)
+    first, *others = results.values()  # same names and values on every backend: the state is portable
+    for other in others:
+        for k in first:
+            np.testing.assert_allclose(other[k], first[k], rtol=1e-5, atol=1e-7)
 
 
 def test_bad_hyperparameters():

@@ -109,6 +109,9 @@ def test_set_parameter_values_directly(backend):
         with torch.no_grad():
             net[0].weight += 1
             net[0].weight[0, 0] = 42
+    elif backend == "tensorflow":  # tf.Variable: assign in place
+        net[0].weight.assign(net[0].weight + 1)
+        net[0].weight[0, 0].assign(42.0)
     else:
         net[0].weight += 1
         net[0].weight[0, 0] = 42

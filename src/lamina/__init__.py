@@ -9,7 +9,7 @@ JAX and NumPy.
 Importing lamina imports no backend; a backend's library is imported the first time it is used.
 """
 
-from . import init, losses, ops, optim, random, testing
+from . import distributed, init, losses, ops, optim, random, testing
 from .backends import available_backends, backend_of, devices, get_backend, set_backend
 from .checkpoint import load, load_into, save
 from .errors import (
@@ -61,7 +61,9 @@ from .layers import (
 )
 from .module import Module
 from .parameter import Buffer, Parameter
-from .train import Callback, Checkpoint, EarlyStopping, History, evaluate, fit, predict
+from .torch_weights import load_torch
+from .train import Callback, Checkpoint, EarlyStopping, History, compile, evaluate, fit, predict
+from .training.torch_module import as_torch_module
 from .version import __version__ as __version__
 
 __all__ = [
@@ -70,11 +72,13 @@ __all__ = [
     # backends
     "set_backend", "get_backend", "backend_of", "available_backends", "devices",
     # checkpoints
-    "save", "load", "load_into",
+    "save", "load", "load_into", "load_torch",
     # serving
     "export",
     # training
-    "fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint",
+    "fit", "evaluate", "predict", "compile", "History", "Callback", "EarlyStopping", "Checkpoint",
+    # scaling out
+    "distributed", "as_torch_module",
     # pure functions and gradients
     "functional_call", "value_and_grad",
     # layers

@@ -31,6 +31,7 @@ from .explain import reraise as _reraise
 from .parameter import Parameter, _fmt_shape
 from .statedict import apply_load, plan_load
 from .summary import summary as _summary
+from .torch_weights import convert_torch_state, is_torch_state_dict
 from .tree import index as _tree_index
 from .tree import root_of
 
@@ -506,7 +507,13 @@ class Module:
         Floating values are cast to the parameter's floating dtype and integers widened to its integer
         dtype; other dtype differences are errors.
         On torch, values are copied into the existing tensors, so optimizers holding them stay valid.
+
+        A ``torch.nn.Module.state_dict()`` (recognised by torch's ``_metadata``) goes through
+        ``lm.load_torch``'s conversion first, so torch's layouts (``Linear``'s (out, in) weight, ...)
+        never load silently into Lamina's.
         """
+        if is_torch_state_dict(state):
+            state = convert_torch_state(self, state)
         specs = {}
         for k, v in state.items():
             b = backend_of(v)
@@ -515,7 +522,17 @@ class Module:
                 specs[k] = (v.shape, str(v.dtype))
             else:
                 specs[k] = (tuple(v.shape), b.dtype_name(v))
-        plan = plan_load(self, specs, {}, allow_missing or not strict, ignore_extra or not strict, "the state dict")
+
+        def host(x):
+            b = backend_of(x)
+            return np.asarray(x if b is None else b.to_numpy(x))
+
+        def same(a, b):  # a tie listed under several paths (as torch's state_dict does) with equal values
+            va, vb = host(state[a]), host(state[b])
+            return va.shape == vb.shape and np.array_equal(va, vb)
+
+        plan = plan_load(self, specs, {}, allow_missing or not strict, ignore_extra or not strict, "the state dict",
+                         same)
         apply_load(self, plan, state.__getitem__)
         return self
 

@@ -27,32 +27,88 @@ from .backends import backend_of, get_backend
 from .module import Module
 from .training import trainer_for
 
-__all__ = ["fit", "evaluate", "predict", "History", "Callback", "EarlyStopping", "Checkpoint"]
+__all__ = ["fit", "evaluate", "predict", "compile", "History", "Callback", "EarlyStopping", "Checkpoint"]
 
 Loss = Callable[..., object]
 
 
 # ----- batches ------------------------------------------------------------------------------------
-def _batches(data, batch_size: int, shuffle: bool, rng: np.random.Generator | None):
-    """Yield (x, y) batches from (X, Y) arrays, or pass through any iterable of (x, y) batches."""
-    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+def _is_arrays(x) -> bool:
+    """An array, or a non-empty tuple, list or dict of arrays (a model's several inputs)."""
+    if hasattr(x, "shape"):
+        return True
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, tuple | list) else ()
+    return bool(items) and all(hasattr(a, "shape") for a in items)
+
+
+def _leaves(x) -> list:
+    return list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple | list) else [x]
+
+
+def _map(f, x):
+    """``f`` on the array ``x``, or on each array of a tuple, list or dict of inputs (same container back)."""
+    if isinstance(x, dict):
+        return {k: f(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(f(v) for v in x)
+    return f(x)
+
+
+def _rows(x) -> int:
+    """The leading (batch) axis of an input, or of the first of several inputs."""
+    return int(_leaves(x)[0].shape[0]) if not hasattr(x, "shape") else int(x.shape[0])
+
+
+def _array_pair(data):
+    """``(x, y)`` if ``data`` is arrays (``x`` may be a tuple or dict of arrays), else None: an iterable of
+    batches. A tuple of two batches ``((x1, y1), (x2, y2))`` is batches: its second item is no array."""
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape") and _is_arrays(data[0]):
         x, y = data
-        n = x.shape[0]
-        if y.shape[0] != n:
-            raise ValueError(f"inputs have {n} rows but targets have {y.shape[0]}")
-        if not shuffle:  # contiguous slices: no index arrays, no gather
-            for start in range(0, n, batch_size):
-                yield x[start:start + batch_size], y[start:start + batch_size]
+        n = int(y.shape[0])
+        for i, a in enumerate(_leaves(x)):
+            if int(a.shape[0]) != n:
+                where = "inputs" if hasattr(x, "shape") else f"input {list(x)[i] if isinstance(x, dict) else i}"
+                raise ValueError(f"{where} have {a.shape[0]} rows but the targets have {n}; every input array "
+                                 "and the targets need the same leading (batch) axis")
+        return x, y
+    return None
+
+
+class _Arrays:
+    """``(X, Y)`` arrays cut into batches of ``batch_size`` rows (in ``order``, a permutation, when
+    shuffled): iterating yields ``(x, y)`` batches; a train step that offers ``epoch`` takes them whole."""
+
+    def __init__(self, x, y, batch_size: int, order):
+        self.x, self.y, self.batch_size, self.order = x, y, batch_size, order
+
+    def __len__(self) -> int:
+        return math.ceil(int(self.y.shape[0]) / self.batch_size)
+
+    def __iter__(self):
+        x, y, bs, n = self.x, self.y, self.batch_size, int(self.y.shape[0])
+        if self.order is None:  # contiguous slices: no index arrays, no gather
+            for start in range(0, n, bs):
+                rows = slice(start, start + bs)
+                yield _map(lambda a, rows=rows: a[rows], x), y[rows]
             return
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+        for start in range(0, n, bs):
+            idx = self.order[start:start + bs]
             yield _take(x, idx), _take(y, idx)
-    else:
-        yield from data
+
+
+def _batches(data, batch_size: int, shuffle: bool, rng: np.random.Generator | None):
+    """``(x, y)`` batches of ``(X, Y)`` arrays (an ``_Arrays``), or any iterable of batches as it is."""
+    pair = _array_pair(data)
+    if pair is None:
+        return data
+    x, y = pair
+    return _Arrays(x, y, batch_size, rng.permutation(int(y.shape[0])) if shuffle else None)
 
 
 def _take(a, idx):
+    """Rows ``idx`` (host integers) of an array, or of each array of several inputs."""
+    if not hasattr(a, "shape"):
+        return _map(lambda v: _take(v, idx), a)
     b = backend_of(a)
     if b is None:
         return np.asarray(a)[idx]
@@ -60,18 +116,42 @@ def _take(a, idx):
 
 
 def _n_batches(data, batch_size):
-    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
-        return math.ceil(data[0].shape[0] / batch_size)
+    pair = _array_pair(data)
+    if pair is not None:
+        return math.ceil(int(pair[1].shape[0]) / batch_size)
     return len(data) if hasattr(data, "__len__") else None
 
 
-def _execute(model: Module, step, k: int | None, batches, optimizer, convert):
+def _build(model: Module, xb) -> None:
+    """Build a lazy model on its first batch (so the optimizer sees every parameter from the start)."""
+    if isinstance(xb, dict):
+        model.ensure_built(**xb)
+    elif isinstance(xb, tuple | list):
+        model.ensure_built(*xb)
+    else:
+        model.ensure_built(xb)
+
+
+def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sync: bool = False):
     """Run the train step over ``batches``. Yields ``(loss, outputs, rows per batch, batches done, targets)``.
 
     With ``k > 1`` (a step that offers ``step.many``), every ``k`` consecutive batches of one shape run as
     one call, and ``loss`` is then the vector of their ``k`` losses; the rest run one by one. ``k=None``
-    lets the step choose (``step.group``: it measures its first steps).
+    lets the step choose (``step.group``: it measures its first steps). Over arrays, a step that offers
+    ``step.epoch`` runs the whole epoch itself (the data on the device once); ``sync``: something reads
+    the model after each batch (a batch callback), so the step publishes its values after each call.
     """
+    epoch = getattr(step, "epoch", None)
+    if epoch is not None and isinstance(batches, _Arrays):
+        if int(batches.y.shape[0]):
+            _build(model, convert(_map(lambda a: a[:batches.batch_size], batches.x)))
+        run = epoch(batches.x, batches.y, batches.order, batches.batch_size, k, optimizer.lr_at,
+                    optimizer.steps, sync)
+        if run is not None:
+            for item in run:
+                optimizer.steps += item[3]
+                yield item
+            return
     group: list = []
     many = step.many
     choose = getattr(step, "group", None) if k is None else None
@@ -80,31 +160,39 @@ def _execute(model: Module, step, k: int | None, batches, optimizer, convert):
     for i, (xb, yb) in enumerate(batches):
         xb, yb = convert(xb), convert(yb)
         if i == 0:
-            model.ensure_built(xb)  # so the optimizer sees every parameter from the start
+            _build(model, xb)
         kk = choose(xb) if choose is not None else (k or 1)
         if kk == 1 and not group:
             loss, out = step(xb, yb, lr_at(optimizer.steps))
             optimizer.steps += 1
-            yield loss, out, xb.shape[0], 1, yb
+            yield loss, out, _rows(xb), 1, yb
             continue
         group.append((xb, yb))
         if len(group) < kk:
             continue
-        if len({(tuple(x.shape), tuple(y.shape)) for x, y in group}) == 1:
+        if len({(tuple(_leaves(x)[0].shape), tuple(y.shape)) for x, y in group}) == 1 and hasattr(xb, "shape"):
             xs, ys = _stack(model, [x for x, _ in group]), _stack(model, [y for _, y in group])
             losses = many(xs, ys, [lr_at(optimizer.steps + j) for j in range(kk)])
             optimizer.steps += kk
-            yield losses, None, group[0][0].shape[0], kk, None
+            yield losses, None, _rows(group[0][0]), kk, None
         else:
             for xb2, yb2 in group:
                 loss, out = step(xb2, yb2, lr_at(optimizer.steps))
                 optimizer.steps += 1
-                yield loss, out, xb2.shape[0], 1, yb2
+                yield loss, out, _rows(xb2), 1, yb2
         group = []
     for xb, yb in group:
         loss, out = step(xb, yb, lr_at(optimizer.steps))
         optimizer.steps += 1
-        yield loss, out, xb.shape[0], 1, yb
+        yield loss, out, _rows(xb), 1, yb
+
+
+def _loss_sum(backend, pending: list) -> float:
+    """The sum of ``loss * rows`` over an epoch's ``(loss, rows)`` (a loss: a scalar, or a vector of a group
+    of steps), read back at the end of the epoch. Each is read on its own: stacking them on the device
+    first costs more (jax: ~24 us per scalar for ``jnp.stack``, ~2 us per ``to_numpy``)."""
+    to_numpy = backend.to_numpy
+    return float(sum(float(np.asarray(to_numpy(v), np.float64).sum()) * n for v, n in pending))
 
 
 def _stack(model: Module, arrays: list):
@@ -124,6 +212,8 @@ def _converter(model: Module):
             if a.dtype == np.float64:
                 a = a.astype(np.float32)
             return b.from_numpy(a, device, copy=not a.flags.owndata)
+        if isinstance(a, tuple | list | dict) and _is_arrays(a):  # several inputs
+            return _map(convert, a)
         return _to_model(model, a)
 
     return convert
@@ -263,6 +353,9 @@ class Checkpoint(Callback):
                 return
             self.best = value
         path = self.path.format(epoch=epoch + 1, **logs)
+        if not getattr(self.trainer, "is_main", True):  # data-parallel: rank 0 writes, the others have the same
+            self.saved.append(path)
+            return
         save(self.trainer.model, path, optimizer=self.trainer.optimizer, durable=False)
         self.saved.append(path)
 
@@ -286,11 +379,43 @@ def _train_step(model: Module, loss: Loss, optimizer, compile, outputs: bool):
     return hit[1]
 
 
+# ----- several processes or devices (lamina.distributed) ------------------------------------------
+def _parallel_plan(model: Module, parallel):
+    if parallel is None and not _distributed_may_apply():
+        return None
+    from .distributed import plan_for
+
+    return plan_for(model, parallel)
+
+
+def _distributed_may_apply() -> bool:
+    torch = sys.modules.get("torch")  # a torch process group is only ever up if torch is imported
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _epoch(plan, data, batch_size: int, shuffle: bool, rng):
+    if plan is None:
+        return _batches(data, batch_size, shuffle, rng)
+    return plan.batches(data, batch_size, shuffle, rng, _take)
+
+
+def _reduce_totals(plan, totals: dict, seen: int):
+    keys = list(totals)
+    vec = plan.reduce([seen, *(totals[k] for k in keys)])
+    return {k: float(vec[i + 1]) for i, k in enumerate(keys)}, float(vec[0])
+
+
+def _validate(plan, model: Module, loss, data, metrics, batch_size: int) -> dict:
+    if plan is None:
+        return evaluate(model, loss, data, metrics=metrics, batch_size=batch_size)
+    return plan.evaluate(evaluate, model, loss, data, metrics, batch_size)
+
+
 # ----- the loop -----------------------------------------------------------------------------------
 def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, batch_size: int = 32,
         validation_data=None, metrics: Iterable = (), callbacks: Iterable[Callback] = (), shuffle: bool = True,
         seed: int | None = 0, progress: bool | None = None, compile: bool | None = None,
-        steps_per_call: int | None = None) -> History:
+        steps_per_call: int | None = None, parallel=None) -> History:
     """Train ``model`` to minimize ``loss(outputs, targets)`` with ``optimizer``.
 
     ``train_data``: ``(X, Y)`` arrays (NumPy or the backend's), cut into batches of ``batch_size`` and
@@ -303,7 +428,10 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     (``torch.compile``). ``steps_per_call``: how many steps to run as one compiled call where the backend
     can (jax); by default the step measures its first calls and groups 16 per call only where a step is
     fast enough for the Python around it to matter (small models). Per-step losses, callbacks and the bar
-    still see every step, and each step's update is the same. Returns the ``History``.
+    still see every step, and each step's update is the same.
+    ``parallel``: an ``lm.distributed.DataParallel`` (jax: shard the batch over devices, optionally the
+    parameters too); under ``torchrun`` (a torch process group) ``fit`` trains data-parallel by itself, with
+    ``batch_size`` per rank (see ``lamina.distributed``). Returns the ``History``.
     """
     from tqdm.auto import tqdm
 
@@ -319,8 +447,12 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     callbacks = list(callbacks)
     for cb in callbacks:
         cb.trainer = trainer
-    rng = np.random.default_rng(seed)
+    plan = _parallel_plan(model, parallel)
+    rng = np.random.default_rng(plan.seed(seed) if plan is not None else seed)
     step = _train_step(model, loss, optimizer, compile, outputs=bool(metrics))
+    if plan is not None:
+        step = plan.wrap(step, model, loss, optimizer, compile, bool(metrics))
+    trainer.is_main = plan is None or plan.is_main
     if getattr(step, "many", None) is None or metrics:
         k = 1
     else:
@@ -340,16 +472,19 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                 cb.on_epoch_begin(epoch, {})
             totals = {"loss": 0.0, **{_metric_name(m): 0.0 for m in metrics}}
             seen = 0
-            bar = tqdm(total=_n_batches(train_data, batch_size), desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=(not sys.stderr.isatty()) if progress is None else not progress, leave=True,
+            bar = tqdm(total=_n_batches(train_data, batch_size) if plan is None else plan.n_batches(
+                           train_data, batch_size), desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=((not sys.stderr.isatty()) if progress is None else not progress) or not trainer.is_main,
+                       leave=True,
                        dynamic_ncols=True)
             # Per-batch figures are read back from the device only when something shows or uses them (the
             # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
             # so the host never waits for the device between steps.
             live = not bar.disable or bool(metrics) or user_batch_end
             pending, batch = [], 0
-            for loss_value, out, n, done, yb in _execute(model, step, k, _batches(train_data, batch_size, shuffle, rng),
-                                                         optimizer, convert):
+            epoch_batches = _epoch(plan, train_data, batch_size, shuffle, rng)
+            for loss_value, out, n, done, yb in _execute(model, step, k, epoch_batches, optimizer, convert,
+                                                         sync=user_batch_end):
                 seen += n * done
                 bar.update(done)
                 if not live:
@@ -368,27 +503,22 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                     forget()
                 if not bar.disable:
                     bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
-            if pending:  # one transfer per kind of entry for the whole epoch
-                b = backend
-                scalars = [(v, n) for v, n in pending if v.ndim == 0]
-                vectors = [(v, n) for v, n in pending if v.ndim == 1]
-                total = 0.0
-                if scalars:
-                    total += float(np.dot(b.to_numpy(b.xp.stack([v for v, _ in scalars])).astype(np.float64),
-                                          [n for _, n in scalars]))
-                for v, n in vectors:
-                    total += float(b.to_numpy(v).astype(np.float64).sum()) * n
-                totals["loss"] = total
+            if pending:
+                totals["loss"] = _loss_sum(backend, pending)
             bar.close()
+            if plan is not None:
+                totals, seen = _reduce_totals(plan, totals, seen)
             logs = {k: v / max(seen, 1) for k, v in totals.items()}
             if validation_data is not None:
-                logs.update({f"val_{k}": v for k, v in evaluate(model, loss, validation_data, metrics=metrics,
-                                                                 batch_size=batch_size).items()})
+                logs.update({f"val_{k}": v for k, v in _validate(plan, model, loss, validation_data, metrics,
+                                                                  batch_size).items()})
             history.record(epoch, logs)
             for cb in callbacks:
                 cb.on_epoch_end(epoch, logs)
             if forget is not None:
                 forget()
+            if plan is not None and plan.world > 1:  # every rank stops together
+                trainer.stop = plan.any(trainer.stop)
             if trainer.stop:
                 break
     for cb in callbacks:
@@ -397,30 +527,114 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
 
 
 def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), batch_size: int = 256) -> dict:
-    """Mean ``loss`` and metrics of ``model`` over ``data`` (same forms as ``fit``), in eval mode, without
-    gradients (each module's mode is restored afterwards). Returns ``{"loss": ..., "<metric>": ...}``."""
+    """Mean ``loss`` and metrics of ``model`` over ``data`` (same forms as ``fit``: ``(X, Y)`` arrays, ``X``
+    possibly a tuple or dict of several inputs, or an iterable of ``(x, y)`` batches), in eval mode, without
+    gradients (each module's mode is restored afterwards); on jax the forward runs compiled (one program per
+    batch shape, see ``lm.compile``). Returns ``{"loss": ..., "<metric>": ...}``. Data with no rows is a
+    ``ValueError`` (a mean over nothing has no value).
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.set_backend("numpy"); net = lm.Linear(2, 1)
+    <lamina backend 'numpy'>
+    >>> lm.evaluate(net, lm.losses.mse, (np.zeros((0, 2)), np.zeros((0, 1))))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: evaluate: the data has no rows (0 batches), so there is no mean loss or metric to report; ...
+    """
     metrics = list(metrics)
     totals = {**({"loss": 0.0} if loss is not None else {}), **{_metric_name(m): 0.0 for m in metrics}}
     seen = 0
+    forward = _inference(model)
     with model.mode(False), get_backend(model.backend).no_grad():
         for xb, yb in _batches(data, batch_size, False, None):
             xb, yb = _to_model(model, xb), _to_model(model, yb)
-            out = model(xb)
-            n = xb.shape[0]
+            n = _rows(xb)
+            if n == 0:
+                continue
+            out = _call(forward, xb)
             seen += n
             if loss is not None:
                 totals["loss"] += _float(loss(out, yb)) * n
             for m in metrics:
                 totals[_metric_name(m)] += _float(m(out, yb)) * n
-    return {k: v / max(seen, 1) for k, v in totals.items()}
+    if seen == 0:
+        raise ValueError("evaluate: the data has no rows (0 batches), so there is no mean loss or metric to "
+                         "report; pass at least one (x, y) batch")
+    return {k: v / seen for k, v in totals.items()}
 
 
 def predict(model: Module, data, batch_size: int = 256):
-    """``model``'s outputs for ``data`` (an array, or an iterable of input batches), computed in
-    batches in eval mode without gradients and joined along the first axis."""
+    """``model``'s outputs for ``data``, computed in batches in eval mode without gradients and joined
+    along the first axis. ``data``: an array; a tuple or dict of arrays with a common leading axis (a model
+    with several inputs: ``forward(x1, x2)`` or ``forward(a=..., b=...)``); or an iterable (a list, a
+    generator) of input batches, each an array or a tuple or dict of them. On jax the forward runs compiled
+    (one program per batch shape, see ``lm.compile``).
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.set_backend("numpy"); net = lm.Linear(2, 1)
+    <lamina backend 'numpy'>
+    >>> lm.predict(net, np.zeros((5, 2))).shape
+    (5, 1)
+    """
     b = get_backend(model.backend)
-    if hasattr(data, "shape"):
-        data = [data[i:i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    if hasattr(data, "shape") or (isinstance(data, tuple | dict) and _is_arrays(data)):
+        n = _rows(data)
+        data = [_map(lambda a, i=i: a[i:i + batch_size], data) for i in range(0, n, batch_size)]
+    forward = _inference(model)
     with model.mode(False), b.no_grad():
-        outs = [model(_to_model(model, xb)) for xb in data]
+        outs = [_call(forward, _to_model(model, xb)) for xb in data]
     return b.xp.concat(outs, axis=0) if outs else None
+
+
+def compile(model: Module):
+    """A compiled forward of ``model``: ``fast = lm.compile(model)``, then ``fast(x)`` computes ``model(x)``.
+
+    On jax, one ``jax.jit`` program per input shape (and mode), cached, with the model's current parameters
+    passed as arguments: a later update of the weights (training, ``load_state_dict``) is seen without
+    compiling again, and nothing the caller holds is donated. On torch, ``torch.compile`` (it reads the
+    parameters on each call too; on CPU it pays only for large models). On a backend without a compiler
+    (numpy) it returns ``model`` itself. Inputs are converted as ``model(x)`` converts them; Python
+    numbers among the arguments become traced values on jax.
+
+    >>> import lamina as lm, numpy as np
+    >>> lm.set_backend("numpy"); net = lm.Linear(2, 1)
+    <lamina backend 'numpy'>
+    >>> lm.compile(net) is net
+    True
+    """
+    make = getattr(_room(model), "make_forward", None)
+    return model if make is None else make(model)
+
+
+def _room(model: Module):
+    """The training room of ``model``'s backend, or None for a backend that cannot train (numpy)."""
+    from .errors import BackendError
+
+    try:
+        return trainer_for(get_backend(model.backend))
+    except BackendError:
+        return None
+
+
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _inference(model: Module):
+    """The forward that ``evaluate`` and ``predict`` use: compiled where the backend's room says that
+    compiling pays for inference (``COMPILE_INFERENCE``: jax), built once per model; else the model."""
+    room = _room(model)
+    if not getattr(room, "COMPILE_INFERENCE", False):
+        return model
+    hit = _INFERENCE.get(model)
+    if hit is None or hit[0] != model.backend:
+        hit = _INFERENCE[model] = (model.backend, room.make_forward(model))
+    return hit[1]
+
+
+def _call(forward, x):
+    """``forward`` on one batch: a tuple or list holds several inputs, a dict keyword inputs."""
+    if isinstance(x, tuple | list):
+        return forward(*x)
+    if isinstance(x, dict):
+        return forward(**x)
+    return forward(x)

@@ -13,6 +13,7 @@ That is the backend's one global change to TensorFlow; it leaves TensorFlow's ty
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -53,6 +54,35 @@ def _add_numpy_methods() -> None:
     for name in ("T", "ndim", "size"):
         if not hasattr(var, name):
             setattr(var, name, property(lambda self, n=name: getattr(tf.convert_to_tensor(self), n)))
+    if not hasattr(var, "__pos__"):
+        var.__pos__ = lambda self: tf.identity(self)
+    for klass in (cls, tf.Variable):
+        if not getattr(klass.__matmul__, "_lamina", False):
+            klass.__matmul__, klass.__rmatmul__ = _vector_matmul(klass.__matmul__, klass.__rmatmul__)
+
+
+def _vector_matmul(matmul, rmatmul):
+    """``@`` as NumPy's for 1-d operands (TensorFlow's needs two matrices): the native operator first, the
+    vector case only when it refused, so a matrix product costs what it did."""
+
+    def __matmul__(a, b):
+        try:
+            return matmul(a, b)
+        except (ValueError, tf.errors.InvalidArgumentError):
+            if len(a.shape) >= 2 and len(getattr(b, "shape", ())) >= 2:
+                raise
+            return tnp.matmul(a, b)
+
+    def __rmatmul__(a, b):
+        try:
+            return rmatmul(a, b)
+        except (ValueError, tf.errors.InvalidArgumentError):
+            if len(a.shape) >= 2 and len(getattr(b, "shape", ())) >= 2:
+                raise
+            return tnp.matmul(b, a)
+
+    __matmul__._lamina = __rmatmul__._lamina = True
+    return __matmul__, __rmatmul__
 
 
 def _delegate(name):
@@ -71,24 +101,261 @@ def _tf_device(device: str) -> str:
     return f"/{'GPU' if kind == 'cuda' else kind.upper()}:{idx or 0}"
 
 
+def _dev(device):
+    """A ``tf.device`` scope for a creation function's ``device=`` (a native device string, or None)."""
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
+def _tensor(x, like=None):
+    """``x`` as a tensor; a Python scalar takes ``like``'s dtype (as the standard's scalar operands do)."""
+    if tf.is_tensor(x) or isinstance(x, tf.Variable):
+        return x
+    if like is not None and isinstance(x, bool | int | float | complex):
+        return tf.constant(x, tf.as_dtype(like.dtype))
+    return _Namespace.asarray(x)
+
+
+def _pair(x1, x2):
+    if not (tf.is_tensor(x1) or isinstance(x1, tf.Variable)):
+        x2 = _tensor(x2)
+        return _tensor(x1, x2), x2
+    return x1, _tensor(x2, x1)
+
+
+def _axes(axis):
+    return list(axis) if isinstance(axis, tuple | list) else axis
+
+
+def _count(x, axis):
+    """How many elements a reduction over ``axis`` combines (a tensor when the shape is not static)."""
+    shape = x.shape
+    axes = range(len(shape)) if axis is None else ([axis] if isinstance(axis, int) else axis)
+    dims = [shape[a] for a in axes]
+    if all(d is not None for d in dims):
+        return math.prod(dims)
+    s = tf.shape(x)
+    return tf.reduce_prod(tf.gather(s, [a % len(shape) for a in axes]))
+
+
+def _unary(name, fn, ints=None):
+    """An element-wise function; ``ints``: what it does to integer (and bool) input, where the float kernel
+    has none (``ceil`` of an integer is the integer)."""
+    if ints is None:
+        f = lambda x: fn(_tensor(x))  # noqa: E731
+    else:
+        def f(x):
+            x = _tensor(x)
+            return ints(x) if x.dtype.is_integer or x.dtype == tf.bool else fn(x)
+    f.__name__ = name
+    return staticmethod(f)
+
+
+def _binary(name, fn):
+    def f(x1, x2):
+        return fn(*_pair(x1, x2))
+
+    f.__name__ = name
+    return staticmethod(f)
+
+
+_LN2, _LN10 = math.log(2.0), math.log(10.0)
+_BITS = {tf.float16: tf.int16, tf.bfloat16: tf.int16, tf.float32: tf.int32, tf.float64: tf.int64}
+
+
+def _signbit(x):
+    if x.dtype in _BITS:
+        return tf.bitcast(x, _BITS[x.dtype]) < 0  # -0.0 and -nan too, as the standard says
+    return x < 0
+
+
+def _trunc(x):
+    return tf.where(x < 0, tf.math.ceil(x), tf.math.floor(x))
+
+
+def _invert(x):
+    return tf.logical_not(x) if x.dtype == tf.bool else tf.bitwise.invert(x)
+
+
+def _copysign(x1, x2):
+    return tf.where(_signbit(x2), -tf.abs(x1), tf.abs(x1))
+
+
+def _hypot(x1, x2):
+    a, b = tf.abs(x1), tf.abs(x2)
+    m = tf.maximum(a, b)
+    safe = tf.where(m > 0, m, tf.ones_like(m))  # scaled by the larger one: no overflow in the squares
+    return tf.where(m > 0, m * tf.sqrt(tf.square(a / safe) + tf.square(b / safe)), m)
+
+
+def _logaddexp(x1, x2):
+    m = tf.maximum(x1, x2)
+    finite = tf.math.is_finite(m)
+    d = tf.where(finite, -tf.abs(x1 - x2), tf.zeros_like(m))
+    return tf.where(finite, m + tf.math.log1p(tf.exp(d)), m)
+
+
+def _bitwise(fn, on_bool):
+    def f(x1, x2):
+        return on_bool(x1, x2) if x1.dtype == tf.bool else fn(x1, x2)
+
+    return f
+
+
+class _Linalg:
+    """``xp.linalg``: the part of the standard's linear algebra extension that Lamina uses."""
+
+    @staticmethod
+    def vector_norm(x, axis=None, keepdims=False, ord=2):
+        x = _tensor(x)
+        axis = _axes(axis)
+        a = tf.abs(x)
+        if ord == 2:
+            return tf.sqrt(tf.reduce_sum(tf.square(a), axis, keepdims))
+        if ord == 1:
+            return tf.reduce_sum(a, axis, keepdims)
+        if ord == math.inf:
+            return tf.reduce_max(a, axis, keepdims)
+        if ord == -math.inf:
+            return tf.reduce_min(a, axis, keepdims)
+        if ord == 0:
+            return tf.cast(tf.math.count_nonzero(a, axis, keepdims), x.dtype)
+        return tf.reduce_sum(a**ord, axis, keepdims) ** (1.0 / ord)
+
+    @staticmethod
+    def matmul(x1, x2):
+        return _Namespace.matmul(x1, x2)
+
+    @staticmethod
+    def matrix_transpose(x):
+        return tf.linalg.matrix_transpose(x)
+
+    @staticmethod
+    def vecdot(x1, x2, axis=-1):
+        return _Namespace.vecdot(x1, x2, axis=axis)
+
+
 class _Namespace:
-    """The Array API names Lamina's generic code uses, over ``tf.experimental.numpy`` (the rest)."""
+    """An Array API namespace for TensorFlow (the 2023.12 functions that ``lm.ops`` calls, with the
+    standard's signatures: ``axis=`` tuples, ``keepdims=``, ``device=``, ``correction=``, ``descending=``,
+    ``include_initial=``), written over ``tf`` ops so that every function has a gradient and traces under
+    ``tf.function``. Names the standard does not have fall through to ``tf.experimental.numpy``.
+
+    Defaults as elsewhere in Lamina: Python floats become float32, integer ranges int64."""
+
+    __array_api_version__ = "2023.12"
+    linalg = _Linalg()
 
     bool = tf.bool
-    inf = math.inf
-    float32, float64, int32, int64 = tf.float32, tf.float64, tf.int32, tf.int64
+    int8, int16, int32, int64 = tf.int8, tf.int16, tf.int32, tf.int64
+    uint8, uint16, uint32, uint64 = tf.uint8, tf.uint16, tf.uint32, tf.uint64
+    float16, bfloat16, float32, float64 = tf.float16, tf.bfloat16, tf.float32, tf.float64
+    complex64, complex128 = tf.complex64, tf.complex128
+    e, pi, inf, nan, newaxis = math.e, math.pi, math.inf, math.nan, None
 
     def __getattr__(self, name):
         return getattr(tnp, name)
 
+    # ----- creation --------------------------------------------------------------------------------------
     @staticmethod
-    def asarray(x, dtype=None, copy=None, device=None):
-        if dtype is not None and tf.is_tensor(x):
-            return tf.cast(x, dtype)
-        return tf.convert_to_tensor(x, dtype=dtype)
+    def asarray(x, dtype=None, device=None, copy=None):
+        with _dev(device):
+            if tf.is_tensor(x) or isinstance(x, tf.Variable):
+                x = x if dtype is None or x.dtype == dtype else tf.cast(x, dtype)
+                return tf.identity(x) if copy else tf.convert_to_tensor(x)
+            a = np.asarray(x)
+            if dtype is not None:  # NumPy's conversion (2.7 -> int 2), which tf.constant refuses
+                return tf.constant(a.astype(tf.as_dtype(dtype).as_numpy_dtype, copy=False))
+            if isinstance(x, np.ndarray | np.generic):
+                return tf.constant(a)
+            # Python values: bool, int64 or float32 (TensorFlow would pick int32 for ints)
+            return tf.constant(a, {"f": tf.float32, "i": tf.int64, "u": tf.int64, "c": tf.complex64}.get(a.dtype.kind))
 
     @staticmethod
-    def astype(x, dtype, copy=True):
+    def arange(start, stop=None, step=1, *, dtype=None, device=None):
+        if stop is None:
+            start, stop = 0, start
+        if dtype is None:
+            dtype = tf.float32 if any(isinstance(v, float) for v in (start, stop, step)) else tf.int64
+        with _dev(device):
+            if tf.as_dtype(dtype).is_floating:  # the count NumPy gives, values start + i * step (as NumPy)
+                n = max(0, math.ceil((stop - start) / step))
+                return tf.cast(start + tf.range(n, dtype=tf.float64) * step, dtype)
+            return tf.range(start, stop, step, dtype=dtype)
+
+    @staticmethod
+    def zeros(shape, *, dtype=None, device=None):
+        with _dev(device):
+            return tf.zeros(shape, dtype or tf.float32)
+
+    @staticmethod
+    def ones(shape, *, dtype=None, device=None):
+        with _dev(device):
+            return tf.ones(shape, dtype or tf.float32)
+
+    empty = zeros  # TensorFlow has no uninitialized memory
+
+    @staticmethod
+    def full(shape, fill_value, *, dtype=None, device=None):
+        if dtype is None:
+            dtype = (tf.bool if isinstance(fill_value, bool) else tf.int64 if isinstance(fill_value, int)
+                     else tf.complex64 if isinstance(fill_value, complex) else tf.float32)
+        with _dev(device):
+            return tf.fill(shape, tf.cast(fill_value, dtype))
+
+    @staticmethod
+    def eye(n_rows, n_cols=None, *, k=0, dtype=None, device=None):
+        n_cols = n_rows if n_cols is None else n_cols
+        with _dev(device):
+            i = tf.range(n_rows)[:, None]
+            j = tf.range(n_cols)[None, :]
+            return tf.cast(j - i == k, dtype or tf.float32)
+
+    @staticmethod
+    def linspace(start, stop, num, *, dtype=None, device=None, endpoint=True):
+        with _dev(device):
+            div = (num - 1) if endpoint else num
+            step = (stop - start) / div if div > 0 else 0.0
+            out = start + tf.range(num, dtype=tf.float64) * step
+            if endpoint and num > 1:
+                out = tf.concat([out[:-1], tf.constant([stop], tf.float64)], 0)
+            return tf.cast(out, dtype or tf.float32)
+
+    @staticmethod
+    def zeros_like(x, *, dtype=None, device=None):
+        return tf.zeros_like(x, dtype=dtype)
+
+    @staticmethod
+    def ones_like(x, *, dtype=None, device=None):
+        return tf.ones_like(x, dtype=dtype)
+
+    empty_like = zeros_like
+
+    @staticmethod
+    def full_like(x, fill_value, *, dtype=None, device=None):
+        return tf.fill(tf.shape(x), tf.cast(fill_value, dtype or x.dtype))
+
+    @staticmethod
+    def _band(x, k, lower):
+        n, m = x.shape[-2], x.shape[-1]
+        d = tf.range(m)[None, :] - tf.range(n)[:, None]
+        keep = d <= k if lower else d >= k
+        return tf.where(keep, x, tf.zeros_like(x))
+
+    @staticmethod
+    def tril(x, *, k=0):
+        return _Namespace._band(x, k, True)
+
+    @staticmethod
+    def triu(x, *, k=0):
+        return _Namespace._band(x, k, False)
+
+    @staticmethod
+    def meshgrid(*arrays, indexing="xy"):
+        return tf.meshgrid(*arrays, indexing=indexing)
+
+    # ----- data types ------------------------------------------------------------------------------------
+    @staticmethod
+    def astype(x, dtype, /, *, copy=True, device=None):
         return tf.cast(x, dtype)
 
     @staticmethod
@@ -104,78 +371,364 @@ class _Namespace:
                 "numeric": dtype.is_integer or dtype.is_floating or dtype.is_complex}[kind]
 
     @staticmethod
-    def concat(arrays, axis=0):
-        return tf.concat(list(arrays), axis)
+    def finfo(dtype):
+        return np.finfo(tf.as_dtype(getattr(dtype, "dtype", dtype)).as_numpy_dtype)
 
     @staticmethod
-    def stack(arrays, axis=0):
-        return tf.stack(list(arrays), axis)
+    def iinfo(dtype):
+        return np.iinfo(tf.as_dtype(getattr(dtype, "dtype", dtype)).as_numpy_dtype)
 
     @staticmethod
-    def permute_dims(x, axes):
-        return tf.transpose(x, axes)
+    def result_type(*args):
+        return tf.as_dtype(np.result_type(*[tf.as_dtype(getattr(a, "dtype", a)).as_numpy_dtype
+                                            if not isinstance(a, bool | int | float | complex) else a
+                                            for a in args]))
+
+    # ----- element-wise ----------------------------------------------------------------------------------
+    abs = _unary("abs", tf.abs)
+    acos, acosh = _unary("acos", tf.math.acos), _unary("acosh", tf.math.acosh)
+    asin, asinh = _unary("asin", tf.math.asin), _unary("asinh", tf.math.asinh)
+    atan, atanh = _unary("atan", tf.math.atan), _unary("atanh", tf.math.atanh)
+    cos, cosh = _unary("cos", tf.cos), _unary("cosh", tf.cosh)
+    sin, sinh = _unary("sin", tf.sin), _unary("sinh", tf.sinh)
+    tan, tanh = _unary("tan", tf.tan), _unary("tanh", tf.tanh)
+    exp, expm1 = _unary("exp", tf.exp), _unary("expm1", tf.math.expm1)
+    log, log1p = _unary("log", tf.math.log), _unary("log1p", tf.math.log1p)
+    log2 = _unary("log2", lambda x: tf.math.log(x) * (1.0 / _LN2))
+    log10 = _unary("log10", lambda x: tf.math.log(x) * (1.0 / _LN10))
+    sqrt, square = _unary("sqrt", tf.sqrt), _unary("square", tf.square)
+    negative, positive = _unary("negative", tf.negative), _unary("positive", lambda x: x)
+    reciprocal = _unary("reciprocal", lambda x: 1.0 / x)
+    sign = _unary("sign", tf.sign)
+    ceil = _unary("ceil", tf.math.ceil, ints=lambda x: x)
+    floor = _unary("floor", tf.math.floor, ints=lambda x: x)
+    round = _unary("round", tf.math.round, ints=lambda x: x)  # halves to even, as NumPy
+    trunc = _unary("trunc", _trunc, ints=lambda x: x)
+    isfinite = _unary("isfinite", tf.math.is_finite, ints=lambda x: tf.ones_like(x, tf.bool))
+    isinf = _unary("isinf", tf.math.is_inf, ints=lambda x: tf.zeros_like(x, tf.bool))
+    isnan = _unary("isnan", tf.math.is_nan, ints=lambda x: tf.zeros_like(x, tf.bool))
+    signbit = _unary("signbit", _signbit)
+    logical_not = _unary("logical_not", lambda x: tf.logical_not(tf.cast(x, tf.bool)))
+    bitwise_invert = _unary("bitwise_invert", tf.bitwise.invert, ints=_invert)
+    conj = _unary("conj", tf.math.conj)
+    real = _unary("real", tf.math.real)
+    imag = _unary("imag", tf.math.imag)
+
+    add = _binary("add", tf.add)
+    subtract = _binary("subtract", tf.subtract)
+    multiply = _binary("multiply", tf.multiply)
+    divide = _binary("divide", lambda a, b: a / b)
+    floor_divide = _binary("floor_divide", tf.math.floordiv)
+    remainder = _binary("remainder", tf.math.floormod)  # the sign of x2, as Python's %
+    pow = _binary("pow", tf.pow)
+    equal, not_equal = _binary("equal", tf.equal), _binary("not_equal", tf.not_equal)
+    less, less_equal = _binary("less", tf.less), _binary("less_equal", tf.less_equal)
+    greater, greater_equal = _binary("greater", tf.greater), _binary("greater_equal", tf.greater_equal)
+    atan2 = _binary("atan2", tf.math.atan2)
+    copysign = _binary("copysign", _copysign)
+    hypot = _binary("hypot", _hypot)
+    logaddexp = _binary("logaddexp", _logaddexp)
+    maximum, minimum = _binary("maximum", tf.maximum), _binary("minimum", tf.minimum)
+    logical_and = _binary("logical_and", lambda a, b: tf.logical_and(tf.cast(a, tf.bool), tf.cast(b, tf.bool)))
+    logical_or = _binary("logical_or", lambda a, b: tf.logical_or(tf.cast(a, tf.bool), tf.cast(b, tf.bool)))
+    logical_xor = _binary("logical_xor", lambda a, b: tf.math.logical_xor(tf.cast(a, tf.bool),
+                                                                           tf.cast(b, tf.bool)))
+    bitwise_and = _binary("bitwise_and", _bitwise(tf.bitwise.bitwise_and, tf.logical_and))
+    bitwise_or = _binary("bitwise_or", _bitwise(tf.bitwise.bitwise_or, tf.logical_or))
+    bitwise_xor = _binary("bitwise_xor", _bitwise(tf.bitwise.bitwise_xor, tf.math.logical_xor))
+    bitwise_left_shift = _binary("bitwise_left_shift", tf.bitwise.left_shift)
+    bitwise_right_shift = _binary("bitwise_right_shift", tf.bitwise.right_shift)
 
     @staticmethod
-    def reshape(x, shape, copy=None):
-        return tf.reshape(x, shape)
+    def clip(x, /, min=None, max=None):
+        if min is not None:
+            x = tf.maximum(x, _tensor(min, x))
+        if max is not None:
+            x = tf.minimum(x, _tensor(max, x))
+        return x
 
     @staticmethod
-    def take(x, indices, axis=None):
+    def where(cond, x1, x2):
+        x1, x2 = _pair(x1, x2)
+        cond = cond if cond.dtype == tf.bool else tf.cast(cond, tf.bool)
+        return tf.where(cond, x1, x2)
+
+    # ----- indexing --------------------------------------------------------------------------------------
+    @staticmethod
+    def take(x, indices, /, *, axis=None):
         if axis is None:
             return tf.gather(tf.reshape(x, (-1,)), indices)
         return tf.gather(x, indices, axis=axis)
 
     @staticmethod
-    def take_along_axis(x, indices, axis=-1):
-        return tnp.take_along_axis(x, indices, axis)
+    def take_along_axis(x, indices, /, *, axis=-1):
+        nd = len(x.shape)
+        axis %= nd
+        perm = [*(a for a in range(nd) if a != axis), axis]  # the axis last, then one batched gather
+        back = [*range(axis), nd - 1, *range(axis, nd - 1)]
+        xt, it = tf.transpose(x, perm), tf.transpose(indices, perm)
+        shape = tf.concat([tf.shape(it)[:-1], tf.shape(xt)[-1:]], 0)
+        out = tf.gather(tf.broadcast_to(xt, shape), it, batch_dims=nd - 1)
+        return tf.transpose(out, back)
+
+    # ----- linear algebra --------------------------------------------------------------------------------
+    @staticmethod
+    def matmul(x1, x2):
+        if len(x1.shape) >= 2 and len(x2.shape) >= 2:
+            return tf.matmul(x1, x2)
+        return tnp.matmul(x1, x2)  # vectors as NumPy: a 1-d operand gains an axis that the result drops
 
     @staticmethod
-    def zeros(shape, dtype=None, device=None):
-        return tf.zeros(shape, dtype or tf.float32)
+    def matrix_transpose(x):
+        return tf.linalg.matrix_transpose(x)
 
     @staticmethod
-    def ones(shape, dtype=None, device=None):
-        return tf.ones(shape, dtype or tf.float32)
+    def tensordot(x1, x2, /, *, axes=2):
+        return tf.tensordot(x1, x2, axes)
 
     @staticmethod
-    def zeros_like(x, dtype=None, device=None):
-        return tf.zeros_like(x, dtype=dtype)
+    def vecdot(x1, x2, /, *, axis=-1):
+        x1, x2 = _pair(x1, x2)
+        return tf.reduce_sum(tf.math.conj(x1) * x2, axis)
+
+    einsum = staticmethod(tf.einsum)
+
+    # ----- manipulation ----------------------------------------------------------------------------------
+    @staticmethod
+    def broadcast_arrays(*arrays):
+        shape = tf.shape(arrays[0])
+        for a in arrays[1:]:
+            shape = tf.broadcast_dynamic_shape(shape, tf.shape(a))
+        return [tf.broadcast_to(a, shape) for a in arrays]
 
     @staticmethod
-    def mean(x, axis=None, keepdims=False):
-        return tf.reduce_mean(x, axis, keepdims)
+    def broadcast_to(x, shape):
+        return tf.broadcast_to(x, shape)
 
     @staticmethod
-    def sum(x, axis=None, keepdims=False, dtype=None):
-        return tf.reduce_sum(x if dtype is None else tf.cast(x, dtype), axis, keepdims)
+    def concat(arrays, /, *, axis=0):
+        arrays = list(arrays)
+        if axis is None:
+            return tf.concat([tf.reshape(a, (-1,)) for a in arrays], 0)
+        return tf.concat(arrays, axis)
 
     @staticmethod
-    def max(x, axis=None, keepdims=False):
-        return tf.reduce_max(x, axis, keepdims)
+    def stack(arrays, /, *, axis=0):
+        return tf.stack(list(arrays), axis)
 
     @staticmethod
-    def min(x, axis=None, keepdims=False):
-        return tf.reduce_min(x, axis, keepdims)
+    def unstack(x, /, *, axis=0):
+        return tuple(tf.unstack(x, axis=axis))
 
     @staticmethod
-    def argmax(x, axis=None, keepdims=False):
-        out = tf.argmax(tf.reshape(x, (-1,)) if axis is None else x, 0 if axis is None else axis)
-        return tf.expand_dims(out, axis) if keepdims and axis is not None else out
+    def expand_dims(x, /, *, axis=0):
+        return tf.expand_dims(x, axis)
 
     @staticmethod
-    def squeeze(x, axis):
-        return tf.squeeze(x, axis)
+    def squeeze(x, /, axis):
+        return tf.squeeze(x, _axes(axis) if isinstance(axis, tuple | list) else [axis])
 
     @staticmethod
-    def where(cond, a, b):
-        a = tf.convert_to_tensor(a, dtype=b.dtype if tf.is_tensor(b) and not tf.is_tensor(a) else None)
-        b = tf.convert_to_tensor(b, dtype=a.dtype)
-        return tf.where(cond, a, b)
+    def flip(x, /, *, axis=None):
+        if axis is None:
+            axis = list(range(len(x.shape)))
+        return tf.reverse(x, _axes(axis) if isinstance(axis, tuple | list) else [axis])
 
     @staticmethod
-    def arange(start, stop=None, step=1, dtype=None, device=None):
-        return tf.range(start, stop, step, dtype=dtype or tf.int64) if stop is not None else tf.range(
-            start, dtype=dtype or tf.int64)
+    def roll(x, /, shift, *, axis=None):
+        if axis is None:
+            return tf.reshape(tf.roll(tf.reshape(x, (-1,)), shift, 0), tf.shape(x))
+        return tf.roll(x, shift, axis)
+
+    @staticmethod
+    def permute_dims(x, /, axes):
+        return tf.transpose(x, axes)
+
+    @staticmethod
+    def moveaxis(x, source, destination, /):
+        nd = len(x.shape)
+        src = [s % nd for s in (source if isinstance(source, tuple | list) else [source])]
+        dst = [d % nd for d in (destination if isinstance(destination, tuple | list) else [destination])]
+        rest = [a for a in range(nd) if a not in src]
+        perm = [None] * nd
+        for s, d in zip(src, dst):
+            perm[d] = s
+        it = iter(rest)
+        return tf.transpose(x, [p if p is not None else next(it) for p in perm])
+
+    @staticmethod
+    def reshape(x, /, shape, *, copy=None):
+        if None in shape and sum(d is None for d in shape) == 1:
+            # a size read from a symbolic tensor's static shape (an axis unknown while tracing): the inferred one
+            shape = [-1 if d is None else d for d in shape]
+        return tf.reshape(x, shape)
+
+    @staticmethod
+    def repeat(x, repeats, /, *, axis=None):
+        if axis is None:
+            x, axis = tf.reshape(x, (-1,)), 0
+        return tf.repeat(x, repeats, axis=axis)
+
+    @staticmethod
+    def tile(x, repetitions, /):
+        reps = list(repetitions)
+        nd = len(x.shape)
+        if len(reps) > nd:
+            x = tf.reshape(x, [1] * (len(reps) - nd) + list(x.shape))
+        reps = [1] * (len(x.shape) - len(reps)) + reps
+        return tf.tile(x, reps)
+
+    # ----- searching -------------------------------------------------------------------------------------
+    @staticmethod
+    def _arg(fn, x, axis, keepdims):
+        if axis is None:
+            out = fn(tf.reshape(x, (-1,)), 0)
+            return tf.reshape(out, [1] * len(x.shape)) if keepdims else out
+        out = fn(x, axis)  # the first index on ties, as NumPy
+        return tf.expand_dims(out, axis) if keepdims else out
+
+    @staticmethod
+    def argmax(x, /, *, axis=None, keepdims=False):
+        return _Namespace._arg(tf.argmax, x, axis, keepdims)
+
+    @staticmethod
+    def argmin(x, /, *, axis=None, keepdims=False):
+        return _Namespace._arg(tf.argmin, x, axis, keepdims)
+
+    @staticmethod
+    def count_nonzero(x, /, *, axis=None, keepdims=False):
+        return tf.math.count_nonzero(x, _axes(axis), keepdims, dtype=tf.int64)
+
+    @staticmethod
+    def nonzero(x, /):
+        idx = tf.where(tf.cast(x, tf.bool))
+        return tuple(idx[:, i] for i in range(len(x.shape)))
+
+    @staticmethod
+    def searchsorted(x1, x2, /, *, side="left", sorter=None):
+        if sorter is not None:
+            x1 = tf.gather(x1, sorter)
+        return tf.reshape(tf.searchsorted(x1, tf.reshape(x2, (-1,)), side=side, out_type=tf.int64), tf.shape(x2))
+
+    # ----- sets ------------------------------------------------------------------------------------------
+    @staticmethod
+    def unique_all(x, /):
+        flat = tf.reshape(x, (-1,))
+        seen, first_idx = tf.unique(flat, out_idx=tf.int64)  # in order of first appearance
+        order = tf.argsort(seen, stable=True)
+        values = tf.gather(seen, order)
+        rank = tf.math.invert_permutation(order)
+        inverse = tf.gather(rank, first_idx)
+        n = tf.shape(values, tf.int64)[0]
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(inverse), inverse, n)
+        indices = tf.math.unsorted_segment_min(tf.range(tf.size(flat, tf.int64), dtype=tf.int64), inverse, n)
+        return values, indices, tf.reshape(inverse, tf.shape(x)), counts
+
+    @staticmethod
+    def unique_counts(x, /):
+        values, _, _, counts = _Namespace.unique_all(x)
+        return values, counts
+
+    @staticmethod
+    def unique_inverse(x, /):
+        values, _, inverse, _ = _Namespace.unique_all(x)
+        return values, inverse
+
+    @staticmethod
+    def unique_values(x, /):
+        return _Namespace.unique_all(x)[0]
+
+    # ----- sorting ---------------------------------------------------------------------------------------
+    @staticmethod
+    def argsort(x, /, *, axis=-1, descending=False, stable=True):
+        # top_k underneath: the lower index first on ties in both directions, as a stable sort
+        return tf.argsort(x, axis, "DESCENDING" if descending else "ASCENDING", stable=True)
+
+    @staticmethod
+    def sort(x, /, *, axis=-1, descending=False, stable=True):
+        idx = _Namespace.argsort(x, axis=axis, descending=descending)
+        return _Namespace.take_along_axis(x, idx, axis=axis)  # a gather: differentiable
+
+    # ----- statistics ------------------------------------------------------------------------------------
+    @staticmethod
+    def sum(x, /, *, axis=None, dtype=None, keepdims=False):
+        if dtype is not None or x.dtype == tf.bool:
+            x = tf.cast(x, dtype or tf.int64)
+        return tf.reduce_sum(x, _axes(axis), keepdims)
+
+    @staticmethod
+    def prod(x, /, *, axis=None, dtype=None, keepdims=False):
+        if dtype is not None or x.dtype == tf.bool:
+            x = tf.cast(x, dtype or tf.int64)
+        return tf.reduce_prod(x, _axes(axis), keepdims)
+
+    @staticmethod
+    def mean(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_mean(x, _axes(axis), keepdims)
+
+    @staticmethod
+    def max(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_max(x, _axes(axis), keepdims)
+
+    @staticmethod
+    def min(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_min(x, _axes(axis), keepdims)
+
+    @staticmethod
+    def var(x, /, *, axis=None, correction=0.0, keepdims=False):
+        axis = _axes(axis)
+        d = x - tf.reduce_mean(x, axis, keepdims=True)
+        n = tf.cast(_count(x, axis), x.dtype)
+        return tf.reduce_sum(tf.square(d), axis, keepdims) / (n - correction)
+
+    @staticmethod
+    def std(x, /, *, axis=None, correction=0.0, keepdims=False):
+        return tf.sqrt(_Namespace.var(x, axis=axis, correction=correction, keepdims=keepdims))
+
+    @staticmethod
+    def _cumulative(fn, start, x, axis, dtype, include_initial):
+        if axis is None:
+            if len(x.shape) != 1:
+                raise ValueError(f"cumulative_sum/prod: axis=None needs a 1-d array, got shape {tuple(x.shape)}; "
+                                 "give the axis")
+            axis = 0
+        if dtype is not None:
+            x = tf.cast(x, dtype)
+        out = fn(x, axis)
+        if include_initial:
+            axis %= len(x.shape)
+            shape = tf.tensor_scatter_nd_update(tf.shape(out), [[axis]], [1])
+            out = tf.concat([tf.fill(shape, tf.cast(start, out.dtype)), out], axis)
+        return out
+
+    @staticmethod
+    def cumulative_sum(x, /, *, axis=None, dtype=None, include_initial=False):
+        return _Namespace._cumulative(tf.cumsum, 0, x, axis, dtype, include_initial)
+
+    @staticmethod
+    def cumulative_prod(x, /, *, axis=None, dtype=None, include_initial=False):
+        return _Namespace._cumulative(tf.math.cumprod, 1, x, axis, dtype, include_initial)
+
+    # ----- utilities -------------------------------------------------------------------------------------
+    @staticmethod
+    def all(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_all(tf.cast(x, tf.bool), _axes(axis), keepdims)
+
+    @staticmethod
+    def any(x, /, *, axis=None, keepdims=False):
+        return tf.reduce_any(tf.cast(x, tf.bool), _axes(axis), keepdims)
+
+    @staticmethod
+    def diff(x, /, *, axis=-1, n=1, prepend=None, append=None):
+        parts = [p for p in (prepend, x, append) if p is not None]
+        if len(parts) > 1:
+            x = tf.concat(parts, axis)
+        nd = len(x.shape)
+        axis %= nd
+        lead = (slice(None),) * axis
+        for _ in range(n):
+            x = x[(*lead, slice(1, None))] - x[(*lead, slice(None, -1))]
+        return x
 
 
 class TensorflowBackend(Backend):
@@ -393,7 +946,8 @@ class TensorflowBackend(Backend):
     def scan(self, fn, carry, xs):
         """A ``tf.while_loop`` over the leading axis: one loop node under ``tf.function``, whatever the
         length (a Python loop would unroll it)."""
-        n = tf.shape(xs)[0]
+        length = xs.shape[0]  # static where known, so the stacked outputs keep a static time axis
+        n = length if length is not None else tf.shape(xs)[0]
         carry, y0 = fn(carry, xs[0])
         flat = tf.nest.flatten(y0)
         arrays = [tf.TensorArray(y.dtype, size=n, element_shape=y.shape).write(0, y) for y in flat]
@@ -403,7 +957,11 @@ class TensorflowBackend(Backend):
             return i + 1, c, [a.write(i, t) for a, t in zip(arrays, tf.nest.flatten(y))]
 
         _, carry, arrays = tf.while_loop(lambda i, c, a: i < n, body, (tf.constant(1), carry, arrays))
-        return carry, tf.nest.pack_sequence_as(y0, [a.stack() for a in arrays])
+        ys = [a.stack() for a in arrays]
+        if length is not None:
+            for y in ys:
+                y.set_shape([length, *y.shape[1:]])
+        return carry, tf.nest.pack_sequence_as(y0, ys)
 
     def stop_gradient(self, x):
         return tf.stop_gradient(x)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import init as _init
 from .. import ops
 from ..errors import ShapeError
@@ -57,6 +59,24 @@ class MultiHeadAttention(Module):
         out = xp.reshape(ops.attention(q, k, v, mask), (query.shape[0], query.shape[1], e))
         out = out @ xp.permute_dims(self.out_proj_weight, (1, 0))
         return out if self.out_proj_bias is None else out + self.out_proj_bias
+
+    def from_torch_state(self, state: dict) -> dict:
+        """``torch.nn.MultiheadAttention``'s weights under Lamina's names: its child ``out_proj.weight`` /
+        ``out_proj.bias`` become ``out_proj_weight`` / ``out_proj_bias``; separate ``q_proj_weight``,
+        ``k_proj_weight``, ``v_proj_weight`` (all (E, E)) are stacked into ``in_proj_weight``. Layouts are
+        torch's already (rows are outputs). Called by ``lm.load_torch`` with NumPy arrays."""
+        for torch_name, ours in (("out_proj.weight", "out_proj_weight"), ("out_proj.bias", "out_proj_bias")):
+            if torch_name in state:
+                state[ours] = state.pop(torch_name)
+        parts = [state.get(f"{c}_proj_weight") for c in "qkv"]
+        if all(p is not None for p in parts):
+            if len({p.shape for p in parts}) != 1:
+                raise ValueError("MultiHeadAttention needs key and value of the query's size (kdim = vdim = "
+                                 f"embed_dim); got q/k/v projections of shapes {[p.shape for p in parts]}")
+            for c in "qkv":
+                del state[f"{c}_proj_weight"]
+            state["in_proj_weight"] = np.concatenate(parts, axis=0)
+        return state
 
     def diagnose(self, args):
         shapes = [tuple(getattr(a, "shape", ())) for a in args[:3] if a is not None]

@@ -14,10 +14,27 @@ from ..parameter import Parameter
 class _ConvNd(Module):
     _n = 0
 
-    def __init__(self, out_channels: int, kernel_size, *, in_channels: int | None = None, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, weight_init=None, bias_init=None):
+    def __init__(self, *sizes, in_channels: int | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: bool = True, weight_init=None, bias_init=None, **unknown):
         super().__init__()
-        n = self._n
+        n, name = self._n, type(self).__name__
+        if unknown:
+            raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; its "
+                            f"options are in_channels, stride, padding, dilation, groups, bias, weight_init, "
+                            f"bias_init")
+        if len(sizes) == 3:  # torch's order: Conv1d(in_channels, out_channels, kernel_size)
+            if in_channels is not None:
+                raise TypeError(f"{name}: in_channels given twice (positionally as {sizes[0]!r} and as "
+                                f"in_channels={in_channels!r})")
+            in_channels, out_channels, kernel_size = sizes
+            if not isinstance(in_channels, int) or in_channels <= 0:
+                raise ValueError(f"{name}: in_channels must be a positive int, got {in_channels!r}")
+        elif len(sizes) == 2:
+            out_channels, kernel_size = sizes
+        else:
+            raise TypeError(f"{name} takes (out_channels, kernel_size) or (in_channels, out_channels, "
+                            f"kernel_size) positionally, got {len(sizes)} positional argument(s) {sizes!r}; "
+                            f"every other option is keyword-only, e.g. {name}(16, 3, stride=2, padding=1)")
         if not isinstance(out_channels, int) or out_channels <= 0:
             raise ValueError(f"{type(self).__name__}: out_channels must be a positive int, got {out_channels!r}")
         if not isinstance(groups, int) or groups <= 0 or out_channels % groups:
@@ -78,9 +95,11 @@ class _ConvNd(Module):
 class Conv1d(_ConvNd):
     """1-d convolution: (N, C_in, L) -> (N, C_out, L_out), torch's semantics (cross-correlation).
 
-    ``Conv1d(out_channels, kernel_size, in_channels=None, stride=1, padding=0, dilation=1, groups=1,
-    bias=True)``; ``padding`` is an int, "valid" or "same" (stride 1). ``in_channels`` is inferred from
-    the first input when not given. L_out = floor((L + pad_low + pad_high - dilation * (k - 1) - 1) /
+    ``Conv1d(out_channels, kernel_size, *, in_channels=None, stride=1, padding=0, dilation=1, groups=1,
+    bias=True)`` or, in torch's order, ``Conv1d(in_channels, out_channels, kernel_size, *, ...)`` (like
+    ``Linear(out)`` / ``Linear(in, out)``); every option after the sizes is keyword-only. ``padding`` is
+    an int, "valid" or "same" (stride 1). ``in_channels`` is inferred from the first input when not given.
+    L_out = floor((L + pad_low + pad_high - dilation * (k - 1) - 1) /
     stride) + 1. Weight (C_out, C_in // groups, k), default U[-1/sqrt(fan_in), 1/sqrt(fan_in)] with
     fan_in = C_in // groups * k (torch's); bias zeros.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import init as _init
 from .. import ops
 from ..errors import ShapeError
@@ -15,7 +17,9 @@ class Linear(Module):
     """``y = x @ weight + bias``: a dense layer, with ``weight`` of shape (in, out) and ``bias`` (out,).
 
     ``Linear(out)`` infers ``in`` from the last axis of its first input; ``Linear(in, out)`` knows it
-    at once (like ``range(stop)`` / ``range(start, stop)``).
+    at once (like ``range(stop)`` / ``range(start, stop)``). The weight is (in, out), the textbook's
+    ``MyLinear`` layout and Keras/Flax's; ``torch.nn.Linear`` stores the transpose (out, in): bring torch
+    weights in with ``lm.load_torch``, which transposes them.
 
     Shape contract: (..., in) -> (..., out).
 
@@ -69,6 +73,16 @@ class Linear(Module):
         return ShapeError(self, f"expected input with last axis {i}, got shape {tuple(shape)}. Linear({i}, {o}) "
                           f"was built for {i} input features; feed (batch, {i}) inputs, or create a new "
                           f"Linear({o}) to infer them from the input.")
+
+    def from_torch_state(self, state: dict) -> dict:
+        """``torch.nn.Linear``'s weights in Lamina's layout: its ``weight`` (out, in) becomes (in, out).
+        Called by ``lm.load_torch`` with this layer's torch keys as NumPy arrays."""
+        w = state.get("weight")
+        if w is not None:
+            if w.ndim != 2:
+                raise ValueError(f"a torch Linear weight is (out_features, in_features), got shape {w.shape}")
+            state["weight"] = np.ascontiguousarray(w.T)
+        return state
 
     def extra_repr(self) -> str:
         i = "?" if self.in_features is None else self.in_features

@@ -4,12 +4,15 @@ A room is a module (``training/torch.py``, ``training/jax.py``) with two functio
 
 ``make_step(model, loss_fn, optimizer, compile, outputs) -> step``
     ``step(x, y, lr) -> (loss, out)`` does one forward, backward and update of ``model`` (inputs and
-    targets already arrays of the model's backend), with the learning rate ``lr``; ``loss`` is a scalar
+    targets already arrays of the model's backend; ``x`` may be a tuple or dict of several inputs, see
+    ``call``), with the learning rate ``lr``; ``loss`` is a scalar
     array of the backend (``fit`` reads it back to the host only when something shows it), ``out`` the
     outputs, or ``None`` when ``outputs`` is false. ``compile``: ``None`` for the room's default, ``True``
     or ``False`` to ask for a compiled (``jax.jit``, ``torch.compile``) or eager step. The step may offer
     ``step.many(xs, ys, lrs) -> losses``: ``len(lrs)`` steps on batches stacked along a new leading axis,
-    as one call (``None`` where it does not), and ``step.group(x) -> int``: how many steps ``fit`` should
+    as one call (``None`` where it does not), ``step.epoch(x, y, order, batch_size, k, lr_at, start, sync)``:
+    the steps of a whole epoch over arrays (see ``training/jax.py``; ``None`` from it, or no such
+    attribute: ``fit`` cuts the batches itself), and ``step.group(x) -> int``: how many steps ``fit`` should
     group per call for batches like ``x`` (1: no grouping), ``step.convert(a)``: how ``fit`` should hand
     it a batch (default: the model's own input conversion), and ``step.forget()``: from now on, treat every
     current value as held by the user (``fit`` calls it where user code may have run). The update of a
@@ -33,7 +36,18 @@ the user may still hold.
 
 from __future__ import annotations
 
-__all__ = ["state_keys"]
+__all__ = ["state_keys", "call"]
+
+
+def call(model, x):
+    """``model`` on one batch of inputs: a tuple or list holds several positional inputs, a dict keyword
+    inputs (``fit``'s several-input models, as in Keras), anything else is the one input."""
+    t = type(x)
+    if t is tuple or t is list:
+        return model(*x)
+    if t is dict:
+        return model(**x)
+    return model(x)
 
 
 def state_keys(names, slots) -> list:

@@ -17,15 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import context, random
-from .base import state_keys
+from .base import call, state_keys
 
-__all__ = ["make_step", "engine"]
+__all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
+
+# evaluate and predict run the forward compiled (make_forward): eager jax dispatches op by op, which costs
+# ~10x a compiled call on op-heavy layers (a Transformer block: issue 9)
+COMPILE_INFERENCE = True
 
 # fit groups steps into one compiled call (lax.scan) only where a step is this fast: there the Python
 # around each call is a real share of the time; on larger models (convolutions above all, which XLA's CPU
 # backend runs several times slower inside a loop body) one step per call is as fast or faster.
 GROUP_BELOW_S = 1e-3
 GROUP = 16
+# fit copies an epoch's arrays to the device once, and gathers each batch inside the compiled step, when
+# they take at most this many bytes (else it cuts batches on the host and sends them one by one)
+EPOCH_ON_DEVICE_BYTES = 1 << 30
 
 
 def make_step(model, loss_fn, optimizer, compile, outputs=True):
@@ -39,7 +46,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         def f(ps):
             swap = {**consts, **bufs, **{paths[k]: v for k, v in ps.items()}}
             with _swapped(model, swap) as writes, random.key_scope(jax.random.key(seed)) as scope:
-                out = model(x)
+                out = call(model, x)
             if scope[1]:  # seen while tracing: this model draws random numbers, it needs a new seed per step
                 uses_keys[0] = True
             return loss_fn(out, y), (out, dict(writes))
@@ -57,8 +64,32 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         (params, bufs, state), losses = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
         return params, bufs, state, losses
 
+    def indexed(params, bufs, consts, state, data, order, table, seeds, i, full, size, k):
+        """Steps on batches gathered on the device from the epoch's arrays ``data`` = (x, y): step ``i`` of
+        the epoch takes rows ``order[i * full : i * full + size]`` (``order=None``: rows in order), with
+        ``table[i]`` as its scalars and ``seeds[i]`` as its seed. ``k=0``: one step, with its outputs and
+        targets; ``k>0``: ``k`` steps as one scan, returning their losses. Returns the new ``i`` too, so the
+        host never sends a step index."""
+        def one(carry, _):
+            p, b, s, j = carry
+            if order is None:
+                rows = lambda a: jax.lax.dynamic_slice_in_dim(a, j * full, size)  # noqa: E731
+            else:
+                idx = jax.lax.dynamic_slice_in_dim(order, j * full, size)
+                rows = lambda a: jnp.take(a, idx, axis=0, mode="clip")  # noqa: E731
+            xb, yb = jax.tree_util.tree_map(rows, data)
+            p, b, s, loss, out = pure(p, b, consts, s, xb, yb, table[j], seeds[j] if seeds.ndim else seeds)
+            return (p, b, s, j + 1), (loss, out, yb)
+
+        if k == 0:
+            (params, bufs, state, i), (loss, out, yb) = one((params, bufs, state, i), None)
+            return params, bufs, state, i, loss, out, (yb if outputs else None)
+        (params, bufs, state, i), (losses, _, _) = jax.lax.scan(one, (params, bufs, state, i), None, length=k)
+        return params, bufs, state, i, losses, None, None
+
     run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3))
     run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3))
+    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3), static_argnums=(9, 10, 11))
     paths: dict = {}  # optimizer name -> path in this model
     lay: dict = {"v": None}
     owned: dict = {}  # id -> array, for arrays this step produced and nobody else holds: safe to donate
@@ -148,6 +179,102 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         publish(entries, buf_entries, params, bufs, state)
         return losses
 
+    def epoch(x, y, order, batch_size, k, lr_at, start, sync):
+        """The steps of one epoch over the arrays ``x`` (an array, or a tuple or dict of arrays) and ``y``,
+        as ``fit`` asks for them (``order``: the host permutation of the rows, or None), with the data on
+        the device once and each batch gathered inside the compiled step: yields ``(loss, out, rows per
+        batch, steps, targets)`` like ``fit``'s loop. The parameters stay on the device between steps and
+        are published when the epoch ends (after every call with ``sync``, for batch callbacks). Returns
+        None (fit then cuts batches itself) for an eager step or data too large to copy to the device."""
+        leaves = jax.tree_util.tree_leaves((x, y))
+        if compile is False or sum(getattr(a, "nbytes", 0) for a in leaves) > EPOCH_ON_DEVICE_BYTES:
+            return None
+        return _epoch(x, y, order, batch_size, k, lr_at, start, sync)
+
+    def _epoch(x, y, order, batch_size, k, lr_at, start, sync):
+        n = int(leaves_rows(x))
+        if n == 0:
+            return
+        n_full, rem = divmod(n, batch_size)
+        sizes = [batch_size] * n_full + ([rem] if rem else [])
+        data = jax.tree_util.tree_map(on_device, (x, y))
+        dev_order = None if order is None else jnp.asarray(order.astype(np.int32))
+        j = 0
+        count0 = eng.count
+        lrs = [lr_at(start + s) for s in range(len(sizes))]
+        table_np = np.stack([opt.scalars(lr, count0 + 1 + s) for s, lr in enumerate(lrs)])
+        table = jnp.asarray(table_np)
+        # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
+        # random numbers; not known before the first trace, so drawn then)
+        seeds_ = jnp.asarray(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
+        entries, buf_entries, params, bufs, consts, state = arguments()
+        i = jnp.asarray(j, jnp.int32)
+        held = [params, bufs, state]  # what the device holds now and the model does not show yet
+
+        def check_lrs(lo, hi):
+            nonlocal table
+            changed = False
+            for s in range(lo, hi):
+                lr = lr_at(start + s)
+                if lr != lrs[s]:
+                    lrs[s] = lr
+                    table_np[s] = opt.scalars(lr, count0 + 1 + s)
+                    changed = True
+            if changed:  # a callback changed the learning rate: send the table again
+                table = jnp.asarray(table_np)
+
+        def call(size, kk):
+            nonlocal i
+            p, b, st, i, loss, out, yb = run_indexed(held[0], held[1], consts, held[2], data, dev_order, table,
+                                                      seeds_, i, batch_size, size, kk)
+            held[:] = [p, b, st]
+            if uses_keys[0] is None:
+                uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
+            eng.count += max(kk, 1)
+            if sync:
+                publish(entries, buf_entries, p, b, st)
+            return loss, out, yb
+
+        try:
+            while j < len(sizes):
+                size = sizes[j]
+                kk = 1 if k is None else k
+                if k is None and timing["k"] is None:
+                    check_lrs(j, j + 1)
+                    t0 = time.perf_counter()
+                    loss, out, yb = call(size, 0)
+                    jax.block_until_ready(loss)
+                    timing["times"].append(time.perf_counter() - t0)
+                    if len(timing["times"]) >= 4:  # the first includes the compilation
+                        timing["k"] = GROUP if sorted(timing["times"][1:])[1] < GROUP_BELOW_S else 1
+                    j += 1
+                    yield loss, out, size, 1, yb
+                    continue
+                if k is None:
+                    kk = timing["k"]
+                if kk > 1 and j + kk <= n_full:
+                    check_lrs(j, j + kk)
+                    losses, _, _ = call(size, kk)
+                    j += kk
+                    yield losses, None, size, kk, None
+                    continue
+                check_lrs(j, j + 1)
+                loss, out, yb = call(size, 0)
+                j += 1
+                yield loss, out, size, 1, yb
+        finally:
+            if not sync:
+                publish(entries, buf_entries, *held)
+
+    def leaves_rows(a):
+        return jax.tree_util.tree_leaves(a)[0].shape[0]
+
+    def on_device(a):
+        """An epoch array on the model's device, converted as a batch would be (float64 as float32)."""
+        if type(a) is np.ndarray and a.dtype.kind in "biuf":
+            return jnp.asarray(convert(a))
+        return model.convert_inputs(a)[0]
+
     def forget():
         """Treat every current value as held by someone else (``fit`` calls it where user code ran)."""
         owned.clear()
@@ -182,6 +309,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     timed.many = None if run_many is None else step_many
     timed.group = group
     timed.forget = forget
+    timed.epoch = epoch
     return timed
 
 
@@ -245,3 +373,53 @@ class _Engine:
         self.state = {k: {s: jnp.array(np.array(arrays[f"{k}/{s}"]), dtype=p.value.dtype)
                           for s in self.optimizer.slots} for k, p in entries}
         self.count = int(np.asarray(arrays[f"{self.names[0]}/step"]).reshape(-1)[0]) if self.names else 0
+
+
+def make_forward(model):
+    """``forward(*args, **kwargs)``: ``model``'s forward as one ``jax.jit`` program per input shape (and
+    per combination of module modes), through ``functional_call`` with the current parameters and buffers
+    passed as arguments, so that later updates of the weights are seen without compiling again. Nothing
+    is donated. Buffer writes made in training mode (BatchNorm's running statistics) are stored back."""
+    from ..functional import functional_call
+
+    uses_keys = [None]
+
+    def pure(modes, values, seed, args, kwargs):
+        with random.key_scope(jax.random.key(seed)) as scope:
+            out, writes = functional_call(model, values, *args, return_buffers=True, **kwargs)
+        if scope[1]:
+            uses_keys[0] = True
+        return out, writes
+
+    run = jax.jit(pure, static_argnums=(0,))
+    lay: dict = {"v": None}
+    zero = np.uint32(0)
+
+    def forward(*args, **kwargs):
+        model.ensure_built(*args, **kwargs)
+        version = context.structure_version()
+        if lay["v"] != version:
+            lay.update(v=version, entries=list(model.named_parameters()) + list(model.named_buffers()),
+                       modules=list(model.modules()))
+        modes = tuple(m.training for m in lay["modules"])
+        values = {k: p.value for k, p in lay["entries"]}
+        seed = zero if uses_keys[0] is False else np.uint32(random.next_seed())
+        args, kwargs = _native(model, args), {k: _native(model, v) for k, v in kwargs.items()}
+        out, writes = run(modes, values, seed, args, kwargs)
+        if uses_keys[0] is None:
+            uses_keys[0] = False
+        if writes:
+            paths = dict(lay["entries"])
+            for k, v in writes.items():
+                paths[k].set_value(v, trusted=True)
+        return out
+
+    forward.compiled = run  # exposed so tests can count compilations
+    return forward
+
+
+def _native(model, a):
+    """An argument for the compiled forward: NumPy arrays (and containers of them) as jax arrays."""
+    if isinstance(a, np.ndarray | list | tuple | dict):
+        return model.convert_inputs(a)[0]
+    return a

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .. import context
-from .base import state_keys
+from .base import call, state_keys
 
-__all__ = ["make_step", "engine"]
+__all__ = ["make_step", "engine", "make_forward"]
 
 
 def make_step(model, loss_fn, optimizer, compile, outputs=True):
@@ -26,7 +26,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     eng = optimizer.engine(model._backend)
 
     def forward_loss(x, y):
-        out = model(x)
+        out = call(model, x)
         return loss_fn(out, y), out
 
     run = torch.compile(forward_loss) if compile else forward_loss
@@ -44,9 +44,44 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         eng.step(entries, None, lr)
         return loss.detach(), (out.detach() if outputs else None)
 
+    def epoch(x, y, order, batch_size, k, lr_at, start, sync):
+        """One epoch over the arrays ``x`` (an array, or a tuple or dict of arrays) and ``y``: each is made
+        a tensor once (NumPy float32 memory is shared, not copied), and each batch is one ``index_select``
+        (a view, unshuffled) of it. Yields ``(loss, out, rows, 1, targets)`` per step, as ``fit``'s loop."""
+        data = [_map(tensor, x), _map(tensor, y)]
+        n = int(data[1].shape[0])
+        index = None if order is None else torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
+        for j, lo in enumerate(range(0, n, batch_size)):
+            if index is None:
+                xb, yb = _map(lambda a, lo=lo: a[lo:lo + batch_size], data[0]), data[1][lo:lo + batch_size]
+            else:
+                rows = index[lo:lo + batch_size]
+                if rows.device != data[1].device:
+                    rows = rows.to(data[1].device)
+                xb, yb = _map(lambda a, rows=rows: a.index_select(0, rows), data[0]), data[1].index_select(0, rows)
+            loss, out = step(xb, yb, lr_at(start + j))
+            yield loss, out, int(yb.shape[0]), 1, yb
+
+    def tensor(a):
+        """An epoch array as a tensor on the model's device: NumPy float32 and integer memory shared."""
+        if type(a) is np.ndarray and a.dtype.kind in "biuf":
+            if a.dtype == np.float64:
+                a = a.astype(np.float32)
+            return model._backend.from_numpy(a, model.device, copy=False)
+        return model.convert_inputs(a)[0]
+
     step.many = None
     step.group = lambda x: 1
+    step.epoch = epoch
     return step
+
+
+def _map(f, x):
+    if isinstance(x, dict):
+        return {k: f(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(f(v) for v in x)
+    return f(x)
 
 
 def engine(optimizer, backend):
@@ -222,3 +257,17 @@ class _Generic:
                       for s in self.optimizer.slots}
         self.state = new
         self.count = int(np.asarray(arrays[f"{entries[0][0]}/step"]).reshape(-1)[0]) if entries else 0
+
+
+def make_forward(model):
+    """``forward(*args, **kwargs)``: ``model`` through ``torch.compile``. The parameters are read from the
+    model on every call (dynamo guards on them), so later updates are seen; NumPy inputs are converted."""
+    compiled = torch.compile(model)
+
+    def forward(*args, **kwargs):
+        args = model.convert_inputs(*args)
+        model.ensure_built(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    forward.compiled = compiled
+    return forward
