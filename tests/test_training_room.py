@@ -10,7 +10,7 @@ import pytest
 import lamina as lm
 from lamina.training import trainer_for
 
-from conftest import GRAD_BACKENDS, to_np
+from conftest import BACKENDS, GRAD_BACKENDS, rand, to_np
 
 
 def test_numpy_has_no_training_room_and_says_where_to_train():
@@ -242,3 +242,29 @@ def test_jax_fit_groups_steps_only_where_a_step_is_fast(monkeypatch):
         net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
         lm.fit(net, loss, lm.optim.Adam(net), _data(320), epochs=1, batch_size=8, progress=False)
         assert len(traces) == programs
+
+
+@pytest.mark.skipif(not {"torch", "jax"} <= set(BACKENDS), reason="needs torch and jax")
+@pytest.mark.parametrize("src, dst", [("torch", "jax"), ("jax", "torch")])
+def test_moving_the_model_carries_the_optimizer_state(src, dst):
+    """Issue 10: model.to(backend=...) used to reset the optimizer's moments and step count."""
+    x, y = rand(8, 3), rand(8, 1, seed=1)
+    loss = lambda m, x, y: lm.losses.mse(m(x), y)  # noqa: E731
+
+    def run(switch_after):
+        lm.set_backend(src)
+        lm.manual_seed(3)
+        net = lm.Sequential(lm.Linear(3, 4), lm.ReLU(), lm.Linear(4, 1))
+        opt = lm.optim.Adam(net, lr=0.05)
+        for i in range(4):
+            if i == switch_after:
+                net.to(backend=dst)
+            _, grads = lm.value_and_grad(loss)(net, x, y)
+            opt.step(grads)
+        return {k: p.numpy() for k, p in net.named_parameters()}, opt.steps
+
+    moved, steps = run(switch_after=2)
+    stayed, _ = run(switch_after=99)
+    assert steps == 4
+    for k in stayed:
+        np.testing.assert_allclose(moved[k], stayed[k], rtol=2e-5, atol=1e-6)

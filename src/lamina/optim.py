@@ -34,6 +34,8 @@ Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0)
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 
 import numpy as np
@@ -143,7 +145,15 @@ class Optimizer:
         if self._engine is None or self._engine.backend is not backend:
             from .training import trainer_for
 
+            old = self._engine
+            carried = old.export() if old is not None and hasattr(old, "export") else {}
             self._engine = trainer_for(backend).engine(self, backend)
+            if carried:  # the model moved (model.to(backend=...)): its moments and step count move with it
+                try:
+                    self.load_state_dict(carried)
+                except ValueError as e:
+                    warnings.warn(f"{type(self).__name__}: the optimizer state could not follow the model to the "
+                                  f"{backend.name} backend and starts afresh ({e})", RuntimeWarning, stacklevel=2)
         return self._engine
 
     def _backend(self):

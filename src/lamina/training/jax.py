@@ -364,6 +364,14 @@ class _Engine:
             out[f"{k}/step"] = jnp.float32(self.count)
         return {key: out[key] for key in state_keys(self.names, self.optimizer.slots)}
 
+    def export(self) -> dict:
+        """The state as host arrays, without entries (the parameters may have left this backend)."""
+        if not self.names:
+            return {}
+        out = {f"{k}/{s}": np.asarray(a) for k in self.names for s, a in self.state[k].items()}
+        out.update({f"{k}/step": np.float32(self.count) for k in self.names})
+        return out
+
     def load_state_dict(self, entries, arrays):
         self.ensure(entries)
         if not arrays:

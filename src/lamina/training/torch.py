@@ -203,6 +203,10 @@ class _TorchOptim:
         self._bind(entries)
         return self._export()
 
+    def export(self) -> dict:
+        """The state as host arrays, without entries (the parameters may have left this backend)."""
+        return {} if self.opt is None else {k: v.detach().cpu().numpy() for k, v in self._export().items()}
+
     def load_state_dict(self, entries, arrays):
         self._bind(entries)
         self._import(arrays)
@@ -237,6 +241,14 @@ class _Generic:
                 new, self.state[k] = opt.update(t.detach(), g, self._state_of(k, t), scalars, xp)
                 t.copy_(new)  # in place: whoever holds the tensor (torch.optim, hooks) sees the update
         self.count += 1
+
+    def export(self) -> dict:
+        """The state as host arrays, without entries (the parameters may have left this backend)."""
+        out = {}
+        for k, st in self.state.items():
+            out.update({f"{k}/{s}": v.detach().cpu().numpy() for s, v in st.items()})
+            out[f"{k}/step"] = np.float32(self.count)
+        return out
 
     def state_dict(self, entries):
         out = {}
