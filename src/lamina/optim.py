@@ -35,7 +35,6 @@ Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0)
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable
 
 import numpy as np
