@@ -148,11 +148,14 @@ class Plan:
 def shard_order(order: np.ndarray, batch_size: int, rank: int, world: int) -> Iterator[np.ndarray]:
     """The row indices of each of this rank's batches: step ``s`` takes the global batch
     ``order[s*B*W:(s+1)*B*W]`` (``B`` = ``batch_size``, ``W`` = ``world``) and rank ``r`` its ``r``-th part.
-    A last, short global batch is split evenly, padded (as torch's ``DistributedSampler`` pads) by repeating
-    its first rows, so every rank runs the same number of steps of the same size.
+    A last, short global batch is split evenly (padded by repeating its first rows where it does not divide,
+    as torch's ``DistributedSampler`` pads), so every rank runs the same number of steps, and the steps'
+    mean gradient is the one of a single process with the global batch.
 
-    >>> [list(b) for b in shard_order(np.arange(10), 2, 1, 2)]
-    [[2, 3], [6, 7], [9, 8]]
+    >>> [b.tolist() for b in shard_order(np.arange(10), 2, 1, 2)]
+    [[2, 3], [6, 7], [9]]
+    >>> [b.tolist() for b in shard_order(np.arange(11), 2, 1, 2)]
+    [[2, 3], [6, 7], [10, 8]]
     """
     g = batch_size * world
     for start in range(0, len(order), g):
