@@ -100,7 +100,7 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True, optim
         meta.update(kind="module", aliases=json.dumps(aliases), **{"class": type(obj).__name__})
         if optimizer is not None:
             for k, v in optimizer.state_dict().items():
-                tensors[_OPTIM + k] = _host(v, f"optimizer state {k!r}")
+                tensors[_OPTIM + k] = _savable(v, f"optimizer state {k!r}")
             meta.update(optimizer=type(optimizer).__name__, optimizer_steps=str(int(optimizer.steps)))
     elif optimizer is not None:
         raise TypeError("lm.save: optimizer= goes with a model checkpoint")
@@ -109,13 +109,13 @@ def save(obj, path, *, metadata: dict | None = None, durable: bool = True, optim
         if bad:
             raise TypeError(f"lm.save: dict keys must be non-empty strings, got {bad!r}")
         _refuse_reserved(obj, "dict key")
-        tensors = {k: _host(v, f"dict entry {k!r}") for k, v in obj.items()}
+        tensors = {k: _savable(v, f"dict entry {k!r}") for k, v in obj.items()}
         meta["kind"] = "dict"
     elif isinstance(obj, list | tuple):
-        tensors = {str(i): _host(v, f"element {i} of the {type(obj).__name__}") for i, v in enumerate(obj)}
+        tensors = {str(i): _savable(v, f"element {i} of the {type(obj).__name__}") for i, v in enumerate(obj)}
         meta["kind"] = type(obj).__name__
     else:
-        tensors = {"array": _host(obj, "the object")}
+        tensors = {"array": _savable(obj, "the object")}
         meta["kind"] = "array"
     meta["keys"] = json.dumps(list(tensors))
     for k, v in (metadata or {}).items():
@@ -146,13 +146,13 @@ def _module_tensors(model: Module):
     tensors, stored = {}, {}
     for path, p in idx.entries:
         if getattr(p, "persistent", True):
-            tensors[path] = _host(p.value, f"parameter {path!r}")
+            tensors[path] = _savable(p.value, f"parameter {path!r}")
             stored[id(p)] = path
     aliases = {path: stored[id(p)] for path, p in idx.paths.items() if id(p) in stored and stored[id(p)] != path}
     return tensors, aliases
 
 
-def _host(x, what: str) -> np.ndarray:
+def _savable(x, what: str) -> np.ndarray:
     b = backend_of(x)
     if b is None:
         if isinstance(x, np.generic):

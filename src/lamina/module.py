@@ -279,9 +279,6 @@ class Module:
         with self.mode(False), self._backend.no_grad():
             return self(*args, **kwargs)
 
-    def _dry_run(self, args, kwargs=None) -> None:  # TODO(lead): remove once train.py uses dry_run
-        self.dry_run(*args, **(kwargs or {}))
-
     @contextlib.contextmanager
     def mode(self, training: bool):
         """A block in which the whole tree is in training (``True``) or eval (``False``) mode; afterwards
@@ -304,7 +301,6 @@ class Module:
             for m, was in modes:
                 m.__dict__["training"] = was
 
-    _mode = mode
 
     def _run_build(self, shapes: list) -> None:
         _build.run_build(self, shapes)
@@ -621,7 +617,7 @@ class Module:
         for k, v in self.__dict__.items():
             if k == "_parents":
                 d[k] = []
-            elif k in ("_cache", "_train_steps"):
+            elif k == "_cache":
                 continue
             elif k == "_backend":
                 d[k] = v

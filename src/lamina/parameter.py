@@ -70,7 +70,7 @@ class Parameter:
         if value is None and shape is not None and _is_array(shape):
             value, shape = shape, None  # lm.Parameter(array), as torch.nn.Parameter(tensor)
         if value is not None:
-            array = np.array(_host(value), copy=True)
+            array = np.array(_on_host(value), copy=True)
             shape = array.shape
             dtype = str(array.dtype)
             init = _Fixed(array)
@@ -257,7 +257,7 @@ class Parameter:
     def _set_drawn(self, rng) -> None:
         if not self.is_built:
             raise UninitializedParameterError(self._unbuilt_message())
-        values = np.asarray(_host(self.init(self.shape, rng)))
+        values = np.asarray(_on_host(self.init(self.shape, rng)))
         if values.shape != self.shape:
             raise ShapeError(self._owner_module(), f"initializer {self.init!r} of parameter '{self.name}' "
                              f"returned shape {values.shape}, expected {_fmt_shape(self.shape)}")
@@ -417,7 +417,7 @@ def _is_array(x) -> bool:
     return isinstance(x, np.ndarray) or backend_of(x) is not None
 
 
-def _host(x):
+def _on_host(x):
     """A host (NumPy-convertible) view of ``x``: arrays of any backend, lists, scalars."""
     from .backends import backend_of
 

@@ -38,7 +38,7 @@ INDEX = "model.safetensors.index.json"
 _OPT = "optimizer/"
 
 
-def _host(model, arrays: dict) -> dict:
+def _gathered_on_host(model, arrays: dict) -> dict:
     from .backends import get_backend
 
     b = get_backend(model.backend)
@@ -82,9 +82,9 @@ def save_sharded(model, directory, *, optimizer=None, metadata: dict | None = No
     rank, world = distributed.rank(), distributed.world_size()
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-    tensors = _host(model, model.state_dict())
+    tensors = _gathered_on_host(model, model.state_dict())
     if optimizer is not None:
-        tensors.update({_OPT + k: v for k, v in _host(model, optimizer.state_dict()).items()})
+        tensors.update({_OPT + k: v for k, v in _gathered_on_host(model, optimizer.state_dict()).items()})
     owner = assign({k: int(v.nbytes) for k, v in tensors.items()}, world)
     tag = _broadcast(f"{time.time_ns():x}")
     names = [f"{prefix}-{tag}-{r + 1:05d}-of-{world:05d}.safetensors" for r in range(world)]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import ops
 from .backends import available_backends, get_backend
 from .module import Module
 
@@ -32,8 +33,9 @@ def _flat(y) -> list:
     return [y]
 
 
-def _host(layer: Module, y) -> list:
-    return [np.asarray(layer._backend.to_numpy(a)) for a in _flat(y)]
+def _outputs_on_host(layer: Module, y) -> list:
+    b = get_backend(layer.backend)
+    return [np.asarray(b.to_numpy(a)) for a in _flat(y)]
 
 
 def _same(a: list, b: list, rtol: float = 0.0, atol: float = 0.0) -> bool:
@@ -69,7 +71,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
     rng = np.random.default_rng(seed)
     shape = tuple(2 if s is None else s for s in input_shape)
     x = input_fn(shape, rng) if input_fn is not None else rng.standard_normal(shape).astype(np.float32)
-    home = layer._backend.name
+    home = layer.backend
     modes = [(m, m.training) for m in layer.modules()]
     report: dict[str, str] = {}
     failures: list[str] = []
@@ -84,7 +86,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
         layer.eval()
         # 1. build and output shape
         layer.build(shape)
-        y = _host(layer, layer(x))
+        y = _outputs_on_host(layer, layer(x))
         report["output shape"] = ", ".join(str(tuple(a.shape)) for a in y)
         first = y[0]
         if output_shape is not None and (len(output_shape) != first.ndim or any(
@@ -100,7 +102,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             fail("parameter names", f"expected {sorted(param_names)}, got {sorted(names)}")
         else:
             report["parameter names"] = ", ".join(names) or "(none)"
-        persistent = {k for k, p in layer._index().entries if getattr(p, "persistent", True)}
+        persistent = set(layer.state_dict())
         if set(layer.state_dict()) != persistent:
             fail("parameter names", f"state_dict keys {sorted(layer.state_dict())} != {sorted(persistent)}")
 
@@ -112,14 +114,14 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             if p.dtype.startswith(("float", "bfloat")):
                 p.value = p.numpy() + 1.0
         load_into(layer, saved)
-        y2 = _host(layer, layer(x))
+        y2 = _outputs_on_host(layer, layer(x))
         if not _same(y2, y):
             fail("save/load", "outputs changed after a save/load round trip")
         else:
             report["save/load"] = "outputs restored exactly"
 
         # 4 and 5 need autodiff: on the layer's backend if it has it, else on the first that does
-        grad_backend = home if layer._backend.has_autodiff else next(
+        grad_backend = home if get_backend(home).has_autodiff else next(
             (b for b in available_backends() if get_backend(b).has_autodiff), None)
         trainable = [(k, p) for k, p in layer.named_parameters() if p.trainable]
         if grad_backend is None:
@@ -128,12 +130,12 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             report["training step"] = report["gradients"] = "no trainable parameters"
         else:
             layer.to(backend=grad_backend)
-            b = layer._backend
+            b = get_backend(layer.backend)
             weights = rng.standard_normal(sum(_real_parts(a).size for a in y))
             w = b.from_numpy(weights.astype(np.float32))
 
             def loss(m, inp):
-                xp = m._backend.xp
+                xp = ops.namespace(w)
                 parts = []
                 for out in _flat(m(inp)):
                     flat = xp.reshape(out, (-1,))
@@ -158,7 +160,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             # 5. finite differences in float64 on the numpy backend
             ad = {k: np.asarray(b.to_numpy(g), dtype=np.float64) for k, g in grads.items()}
             layer.to(backend="numpy")
-            values = {k: p.numpy().astype(np.float64) for k, p in layer._index().entries}
+            values = {k: p.numpy().astype(np.float64) for k, p in [*layer.named_parameters(), *layer.named_buffers()]}
             x64 = x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
             from .functional import functional_call
 
@@ -191,7 +193,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
         agreed = []
         for other in others:
             layer.to(backend=other)
-            yo = _host(layer, layer(x))
+            yo = _outputs_on_host(layer, layer(x))
             if not _same(yo, y, rtol, atol):
                 diffs = [f"{np.abs(u - v).max():.3g}" if u.shape == v.shape else f"shape {u.shape}"
                          for u, v in zip(yo, y)]
@@ -202,7 +204,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
     except Exception as e:  # any crash in a check is a failure of that layer, reported with the others
         fail("check_layer", f"{type(e).__name__}: {e}")
     finally:
-        if layer._backend.name != home:
+        if layer.backend != home:
             layer.to(backend=home)
         if os.path.exists(saved):  # the values the layer came with, whatever happened
             try:
@@ -210,7 +212,7 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             except Exception as e:
                 failures.append(f"check_layer: could not restore the layer's values: {e}")
         for m, mode in modes:
-            m.__dict__["training"] = mode
+            m.training = mode
         for name in os.listdir(folder):
             os.remove(os.path.join(folder, name))
         os.rmdir(folder)

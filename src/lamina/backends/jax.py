@@ -123,10 +123,6 @@ class JaxBackend(Backend):
 
     einsum = staticmethod(jnp.einsum)
 
-    def linear(self, x, weight, bias=None):
-        y = x @ weight
-        return y if bias is None else y + bias
-
     def rfft(self, x):
         return jnp.fft.rfft(x)
 

@@ -94,9 +94,6 @@ class TorchBackend(Backend):
             found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         return found
 
-    def default_device(self):
-        return "cpu"
-
     def device_of(self, x):
         return normalise_device(x.device)
 
