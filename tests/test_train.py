@@ -32,7 +32,7 @@ def test_fit_learns_and_reports_history(grad_backend):
     assert len(history["loss"]) == 8 and history["loss"][-1] < 0.5 * history["loss"][0]
     assert history["val_accuracy"][-1] > 0.9
     # evaluate and predict agree with an independent computation of the same figures
-    logits = to_np(net.predict(x[200:], batch_size=10))
+    logits = to_np(lm.predict(net, x[200:], batch_size=10))
     assert logits.shape == (56, 3)
     res = lm.evaluate(net, lm.losses.cross_entropy, (x[200:], y[200:]), metrics=[lm.losses.accuracy])
     z = logits - logits.max(1, keepdims=True)
