@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import lamina as lm
 
-from conftest import to_np
+from conftest import BACKENDS, to_np
 
 EXAMPLES = int(os.environ.get("LAMINA_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -46,6 +46,10 @@ LAYERS = {
 }
 
 CLEAN = (ValueError, TypeError, RuntimeError, IndexError, lm.LaminaError)
+if "tensorflow" in BACKENDS:  # TensorFlow's kernels explain with its own errors (torch's: RuntimeError)
+    import tensorflow as tf
+
+    CLEAN += (tf.errors.OpError,)
 
 shapes = st.lists(st.integers(0, 9), min_size=0, max_size=5).map(tuple)
 dtypes = st.sampled_from(["float32", "float64", "int32", "int64", "bool", "complex64"])
