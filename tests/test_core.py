@@ -344,3 +344,26 @@ def test_int64_values_that_jax_would_wrap_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         b.from_numpy(np.array([1, 2**31 + 5], np.int64))
     np.testing.assert_array_equal(np.asarray(b.from_numpy(np.array([-(2**31), 2**31 - 1]))), [-(2**31), 2**31 - 1])
+
+
+def test_registering_under_a_name_the_module_uses_is_refused(backend):
+    m = lm.Sequential(lm.Linear(2, 2))
+    m.units = 3
+    x = rand(1, 2)
+    before = to_np(m(x))
+    for name in ("forward", "training", "units", "_params"):
+        with pytest.raises(KeyError, match="already exists"):
+            m.add_module(name, lm.Linear(2, 5))
+    with pytest.raises(KeyError, match="already exists"):
+        m.register_buffer("forward", np.zeros(2, np.float32))
+    np.testing.assert_array_equal(to_np(m(x)), before)  # forward is still the class's
+
+
+def test_load_state_dict_and_to_refuse_what_they_cannot_take(backend):
+    m = lm.Linear(2, 2)
+    with pytest.raises(TypeError, match="takes a mapping"):
+        m.load_state_dict([np.zeros((2, 2))])
+    with pytest.raises(TypeError, match="not dtypes"):
+        m.to("float64")
+    with pytest.raises(TypeError, match="not dtypes"):
+        m.to(np.float64)

@@ -14,6 +14,7 @@ devices) runs only after something has failed.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 import inspect
 import re
 import sys
@@ -376,6 +377,12 @@ class Module:
         if "_params" not in self.__dict__:
             raise ModuleError(f"{type(self).__name__}.__init__ must call super().__init__() before registering "
                               f"'{name}'")
+        if name not in self._params and name not in self._modules and (
+                hasattr(type(self), name) and not isinstance(getattr(type(self), name), _ParamSlot)
+                or name in self.__dict__):
+            raise KeyError(f"{type(self).__name__}: cannot register '{name}': {type(self).__name__}.{name} already "
+                           "exists (a method or an attribute of the module); choose another name (torch refuses it "
+                           "too)")
 
     def _record_write(self, p: Parameter, name: str, value) -> None:
         frame = context.pure_frames()[-1]
@@ -508,6 +515,9 @@ class Module:
         ``lm.load_torch``'s conversion first, so torch's layouts (``Linear``'s (out, in) weight, ...)
         never load silently into Lamina's.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict() takes a mapping {{path: array}} (as from model.state_dict()), got a "
+                            f"{type(state).__name__}")
         if is_torch_state_dict(state):
             state = convert_torch_state(self, state)
         specs = {}
@@ -656,6 +666,11 @@ class Module:
         """
         from .backends import BACKENDS
 
+        if backend is not None and not isinstance(backend, str) or backend in (
+                "float16", "bfloat16", "float32", "float64", "half", "float", "double"):
+            raise TypeError(f"model.to() moves between backends and devices, not dtypes (got {backend!r}); to change "
+                            "a parameter's dtype assign a new lm.Parameter with dtype=..., or cast the values you "
+                            "assign")
         if (backend is not None and device is None and str(backend) not in BACKENDS
                 and re.fullmatch(r"(cpu|cuda|gpu|mps|tpu|xla|meta)(:\d+)?", str(backend).lower())):
             backend, device = None, backend  # model.to("cuda:0"), as in torch
