@@ -367,3 +367,23 @@ def test_load_state_dict_and_to_refuse_what_they_cannot_take(backend):
         m.to("float64")
     with pytest.raises(TypeError, match="not dtypes"):
         m.to(np.float64)
+
+
+def test_a_foreign_file_with_a_square_linear_weight_is_refused_and_transposes_are_explained(backend, tmp_path):
+    """Issue 9: a PyTorch weight (out, in) loaded into a square Linear (in, out) computed the wrong thing."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    w = rand(3, 3)
+    path = tmp_path / "from_torch.safetensors"
+    safetensors_numpy.save_file({"weight": w, "bias": np.zeros(3, np.float32)}, str(path))  # no Lamina metadata
+    layer = lm.Linear(3, 3)
+    before = layer.get_parameter("weight").numpy().copy()
+    with pytest.raises(lm.CheckpointError, match="lm.load_torch"):
+        lm.load_into(layer, path)
+    np.testing.assert_array_equal(layer.get_parameter("weight").numpy(), before)
+    lm.load_torch(layer, lm.load(path, backend="numpy"))  # the documented way: torch's layout converted
+    np.testing.assert_array_equal(layer.get_parameter("weight").numpy(), w.T)
+    wide = lm.Linear(3, 5)
+    with pytest.raises(lm.CheckpointError, match="transposed"):
+        wide.load_state_dict({"weight": rand(5, 3), "bias": np.zeros(5, np.float32)})
+    lm.save(layer, tmp_path / "own.safetensors")  # Lamina's own files are not ambiguous
+    lm.load_into(lm.Linear(3, 3), tmp_path / "own.safetensors")

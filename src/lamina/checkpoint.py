@@ -569,6 +569,8 @@ def load_into(model: Module, path, *, strict: bool = True, allow_missing: bool =
     with _Reader(path) as r:
         specs = {k: v for k, v in r.specs.items() if not k.startswith(_OPTIM)}
         optim_keys = [k for k in r.keys if k.startswith(_OPTIM)]
+        if r.meta.get("format") != "lamina":
+            _refuse_ambiguous_layouts(r, model, specs)
         if optimizer is not None:
             _check_optimizer_file(r, optimizer, optim_keys)
         plan = plan_load(model, specs, r.aliases, allow_missing or not strict, ignore_extra or not strict,
@@ -577,6 +579,28 @@ def load_into(model: Module, path, *, strict: bool = True, allow_missing: bool =
             _restore_optimizer(r, model, optimizer, optim_keys)
         apply_load(model, plan, r.get, reader=r)
     return model
+
+
+def _refuse_ambiguous_layouts(r: _Reader, model: Module, specs: dict) -> None:
+    """A file Lamina did not write may hold PyTorch's layouts. Where a layer stores a weight differently from
+    torch (it says so with a ``from_torch_state`` hook: ``Linear`` is (in, out), torch's (out, in)) and the
+    stored weight is square, the two layouts cannot be told apart, and loading would compute something else
+    without an error. Refuse and say how to choose."""
+    ambiguous = []
+    for mpath, m in model.named_modules():
+        if not hasattr(m, "from_torch_state"):
+            continue
+        for name, p in m.named_parameters():
+            key = f"{mpath}.{name}" if mpath else name
+            shape = specs.get(key, (None,))[0]
+            if shape is not None and len(shape) == 2 and shape[0] == shape[1]:
+                ambiguous.append(key)
+    if ambiguous:
+        raise CheckpointError(
+            f"cannot tell the layout of '{r.path}': Lamina did not write it, and {ambiguous} are square, so a "
+            "PyTorch (out, in) weight and Lamina's (in, out) one look the same. If the file comes from PyTorch "
+            "(or Hugging Face), load it with lm.load_torch(model, lm.load(path)); if it holds Lamina's layout, "
+            "load it with model.load_state_dict(lm.load(path)). Nothing was changed.")
 
 
 def _check_optimizer_file(r: _Reader, optimizer, optim_keys: list) -> None:

@@ -136,7 +136,11 @@ def _tie_problem(q, p, spec) -> str | None:
 
 def _check(p, shape, dtype) -> str | None:
     if p.is_built and tuple(shape) != p.shape:
-        return f"shape {tuple(shape)} in the checkpoint, {p.shape} in the model"
+        hint = ""
+        if len(shape) == 2 and tuple(shape) == p.shape[::-1]:
+            hint = (" (transposed: PyTorch stores a Linear weight as (out, in), Lamina as (in, out); load torch "
+                    "weights with lm.load_torch(model, torch_module_or_state_dict))")
+        return f"shape {tuple(shape)} in the checkpoint, {p.shape} in the model{hint}"
     if not p.is_built and (len(shape) != len(p.shape)
                            or any(a is not None and a != b for a, b in zip(p.shape, shape))):
         return f"shape {tuple(shape)} in the checkpoint does not fit {p.shape} declared in the model"
