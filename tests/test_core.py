@@ -387,3 +387,31 @@ def test_a_foreign_file_with_a_square_linear_weight_is_refused_and_transposes_ar
         wide.load_state_dict({"weight": rand(5, 3), "bias": np.zeros(5, np.float32)})
     lm.save(layer, tmp_path / "own.safetensors")  # Lamina's own files are not ambiguous
     lm.load_into(lm.Linear(3, 3), tmp_path / "own.safetensors")
+
+
+def test_int64_values_jax_would_wrap_are_refused_on_every_path(tmp_path):
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on: jax keeps int64")
+    lm.set_backend("numpy")
+    src = lm.BatchNorm1d(2)
+    src(rand(3, 2))
+    state = dict(src.state_dict())
+    state["num_batches_tracked"] = np.array(2**40 + 5, np.int64)
+    state["weight"] = np.full(2, 7.0, np.float32)
+    lm.set_backend("jax")
+    dst = lm.BatchNorm1d(2)
+    dst(rand(3, 2))
+    before = {k: to_np(v).copy() for k, v in dst.state_dict().items()}
+    with pytest.raises(lm.CheckpointError, match="do not fit the int32"):
+        dst.load_state_dict(state)  # all or nothing: the weight is not written either
+    lm.set_backend("numpy")
+    lm.save(state, tmp_path / "big.safetensors")
+    with pytest.raises(lm.CheckpointError, match="big.safetensors"):
+        lm.load_into(dst, tmp_path / "big.safetensors")
+    for k, v in dst.state_dict().items():
+        np.testing.assert_array_equal(to_np(v), before[k])
+    src.load_state_dict(state)
+    with pytest.raises(ValueError, match="do not fit"):
+        src.to(backend="jax")  # converted before anything moves
+    assert src.backend == "numpy"

@@ -577,7 +577,7 @@ def load_into(model: Module, path, *, strict: bool = True, allow_missing: bool =
                          source=f"'{r.path}'")
         if optimizer is not None:
             _restore_optimizer(r, model, optimizer, optim_keys)
-        apply_load(model, plan, r.get, reader=r)
+        apply_load(model, plan, r.get, reader=r, source=f"'{r.path}'")
     return model
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backends import backend_of
 from .errors import CheckpointError
 
 __all__ = ["plan_load", "apply_load"]
@@ -176,7 +177,7 @@ def _lazy_owners(model, keys) -> str:
             "(model.build(input_shape) or one call) and load again")
 
 
-def apply_load(model, plan, fetch, reader=None) -> None:
+def apply_load(model, plan, fetch, reader=None, source: str = "the state dict") -> None:
     """Write the planned values. With a ``reader`` (a checkpoint file), a tensor whose parameter already
     has a value of the same shape and dtype in host memory is read from the file straight into that
     memory: no second copy and no memory map, so a load needs almost nothing beyond the model itself.
@@ -184,6 +185,18 @@ def apply_load(model, plan, fetch, reader=None) -> None:
     A value written in place is reported to the backend (torch bumps the tensor's version counter), so
     a backward pass through a graph recorded before the load raises, as after ``load_state_dict``."""
     assignments, retie = plan
+    early = {}  # values a backend may refuse (jax without x64: int64 beyond int32): converted before any write
+    for p, key in assignments:
+        dtype = reader.specs[key][1] if reader is not None else getattr(fetch(key), "dtype", None)
+        if dtype is not None and p.backend.checks_values(str(dtype).removeprefix("torch.")):
+            try:
+                value = reader.get(key) if reader is not None else fetch(key)
+                owner = backend_of(value)
+                early[key] = p.backend.from_numpy(np.asarray(value if owner is None else owner.to_numpy(value)),
+                                                  p._device)
+            except ValueError as e:
+                raise CheckpointError(f"cannot load {source} into {type(model).__name__}: '{key}': {e}. Nothing "
+                                      "was changed.") from e
     for alias, target in retie:  # tie first, so a retied parameter gets its value once
         owner_path, _, name = alias.rpartition(".")
         owner = model
@@ -191,6 +204,9 @@ def apply_load(model, plan, fetch, reader=None) -> None:
             owner = owner._modules[part]  # (walks shared modules too: the index lists each module once)
         setattr(owner, name, target)
     for p, key in assignments:
+        if key in early:
+            p._assign(early[key], fresh=True)
+            continue
         if reader is not None:
             view = p.backend.host_view(p._value) if p._value is not None else None
             if (view is not None and view.shape == reader.specs[key][0] and p.dtype == reader.specs[key][1]

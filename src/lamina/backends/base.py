@@ -70,6 +70,11 @@ class Backend:
     def _from_dlpack(self, x):
         raise NotImplementedError
 
+    def checks_values(self, dtype: str) -> bool:
+        """True when ``from_numpy`` may refuse some values of this dtype (see the jax adapter), so that a load
+        converts them before it writes anything."""
+        return False
+
     def make_parameter(self, value, trainable: bool):
         """The array to hand to ``forward`` for a parameter (a ``torch.nn.Parameter`` on torch)."""
         return value

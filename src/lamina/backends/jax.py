@@ -55,8 +55,14 @@ class JaxBackend(Backend):
             _check_fits_32_bits(a)
         return jax.device_put(a, self._device(device))
 
+    def checks_values(self, dtype):
+        return dtype in ("int64", "uint64") and not jax.config.jax_enable_x64
+
     def _from_dlpack(self, x):
-        return jnp.from_dlpack(x.detach() if hasattr(x, "detach") else x)
+        x = x.detach() if hasattr(x, "detach") else x
+        if self.checks_values(str(getattr(x, "dtype", "")).removeprefix("torch.")):
+            return self.from_numpy(np.asarray(x.cpu() if hasattr(x, "cpu") else x))  # refuses values that would wrap
+        return jnp.from_dlpack(x)
 
     def copy(self, x):
         return jnp.array(x, copy=True)
