@@ -590,7 +590,7 @@ def _refuse_ambiguous_layouts(r: _Reader, model: Module, specs: dict) -> None:
     for mpath, m in model.named_modules():
         if not hasattr(m, "from_torch_state"):
             continue
-        for name, p in m.named_parameters():
+        for name, _ in m.named_parameters():
             key = f"{mpath}.{name}" if mpath else name
             shape = specs.get(key, (None,))[0]
             if shape is not None and len(shape) == 2 and shape[0] == shape[1]:

@@ -14,12 +14,12 @@ devices) runs only after something has failed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 import inspect
 import re
 import sys
 import warnings
 import weakref
+from collections.abc import Mapping
 
 import numpy as np
 
