@@ -415,3 +415,18 @@ def test_int64_values_jax_would_wrap_are_refused_on_every_path(tmp_path):
     with pytest.raises(ValueError, match="do not fit"):
         src.to(backend="jax")  # converted before anything moves
     assert src.backend == "numpy"
+
+
+def test_functional_call_converts_and_checks_the_values_it_is_given(backend):
+    layer = lm.Linear(2, 3)
+    x = rand(1, 2)
+    out = lm.functional_call(layer, {"weight": np.ones((2, 3)), "bias": np.zeros(3)}, x)  # NumPy, float64
+    assert lm.backend_of(out).name == backend
+    np.testing.assert_allclose(to_np(out), x @ np.ones((2, 3)), rtol=1e-6)
+    with pytest.raises(lm.ShapeError, match=r"'weight' has shape \(2, 3\).*\(3, 2\)"):
+        lm.functional_call(layer, {"weight": np.ones((3, 2))}, x)
+    with pytest.raises(lm.ParameterNotFoundError, match="no parameter \\['nope'\\]") as e:
+        lm.functional_call(layer, {"nope": np.ones(1)}, x)
+    assert isinstance(e.value, KeyError) and not str(e.value).startswith('"')
+    with pytest.raises(TypeError, match="mapping"):
+        lm.functional_call(layer, [np.ones((2, 3))], x)

@@ -34,7 +34,7 @@ def test_public_api_is_pinned():
         "RMSNorm", "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout", "random",
         "RNN", "GRU", "LSTM", "MultiHeadAttention",
         "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
-        "UninitializedParameterError", "CheckpointError",
+        "UninitializedParameterError", "CheckpointError", "ParameterNotFoundError",
     ])
     for name in lm.__all__:
         assert hasattr(lm, name), name

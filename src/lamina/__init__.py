@@ -19,6 +19,7 @@ from .errors import (
                      LaminaError,
                      LayerError,
                      ModuleError,
+                     ParameterNotFoundError,
                      ShapeError,
                      UninitializedParameterError,
 )
@@ -88,5 +89,5 @@ __all__ = [
     "Embedding", "BatchNorm1d", "BatchNorm2d", "Dropout", "RNN", "GRU", "LSTM", "MultiHeadAttention",
     # errors
     "LaminaError", "LayerError", "ShapeError", "BackendError", "DeviceError", "ModuleError",
-    "UninitializedParameterError", "CheckpointError",
+    "UninitializedParameterError", "CheckpointError", "ParameterNotFoundError",
 ]

@@ -55,3 +55,10 @@ class UninitializedParameterError(LaminaError, RuntimeError):
 
 class CheckpointError(LaminaError, ValueError):
     """A checkpoint file is missing, corrupted, foreign, or does not fit the model."""
+
+
+class ParameterNotFoundError(LaminaError, KeyError):
+    """A dotted path names no parameter or buffer of the model (a ``KeyError``, with a readable message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -8,12 +8,16 @@ Nothing in it is global or cached, so it works under ``jax.jit``, ``jax.grad``, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 
+import numpy as np
+
 from . import context, tree
-from .backends import get_backend
+from .backends import backend_of, get_backend
+from .errors import ParameterNotFoundError, ShapeError
 from .module import _MISSING, Module
-from .parameter import Parameter
+from .parameter import Parameter, _np_dtype
 
 __all__ = ["functional_call", "value_and_grad"]
 
@@ -33,19 +37,24 @@ def _swapped(model: Module, params: dict, carry: list | None = None):
     traced are never left behind as tracers: the attribute gets its previous value back and, with ``carry``
     given, ``(module, name, traced value)`` is appended to it, so a caller can return the values from the
     traced function and set the concrete ones (``value_and_grad`` and the compiled jax step do)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"functional_call takes the parameters as a mapping {{path: array}} (as from "
+                        f"model.state_dict()), got a {type(params).__name__}")
     idx = tree.index(model)
     unknown = [k for k in params if k not in idx.paths]
     if unknown:
-        raise KeyError(f"{type(model).__name__} has no parameter {unknown}; its parameters are {list(idx.paths)}")
-    shown = []
+        raise ParameterNotFoundError(f"{type(model).__name__} has no parameter {unknown}; its parameters and "
+                                     f"buffers are {list(idx.paths)}")
     model_backend = get_backend(model.backend)
+    params = {path: _checked(path, idx.paths[path], value, model_backend) for path, value in params.items()}
+    shown = []
     frame = {"writes": {}, "written": {}, "paths": {id(p): path for path, p in idx.entries}}
     frames = context.pure_frames()
     frames.append(frame)
     try:
         for path, value in params.items():
             p = idx.paths[path]
-            p.show(value.value if isinstance(value, Parameter) else value)  # dict(model.named_parameters())
+            p.show(value)
             shown.append(p)
         yield frame["writes"]
     finally:
@@ -63,6 +72,23 @@ def _swapped(model: Module, params: dict, carry: list | None = None):
                     m.__dict__[name] = before
                 if carry is not None:
                     carry.append((m, name, value))
+
+
+def _checked(path: str, p: Parameter, value, backend):
+    """``value`` for parameter ``p``: a Parameter gives its value; NumPy and other backends' arrays are converted
+    to the model's backend in the parameter's dtype; a shape that does not fit is a ``ShapeError``. Arrays of
+    the model's backend (tracers included) pass as they are."""
+    if isinstance(value, Parameter):
+        value = value.value
+    if not backend.is_native(value):
+        owner = backend_of(value)
+        host = np.asarray(value if owner is None else owner.to_numpy(value))
+        value = backend.from_numpy(host.astype(_np_dtype(p.dtype), copy=False), p._device)
+    shape = tuple(value.shape)
+    if p.is_built and shape != p.shape:
+        raise ShapeError(p._owner_module(), f"functional_call: '{path}' has shape {p.shape} in the model but the "
+                         f"value given for it has shape {shape}")
+    return value
 
 
 def functional_call(model: Module, params: dict, *args, return_buffers: bool = False, **kwargs):

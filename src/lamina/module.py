@@ -27,7 +27,7 @@ from . import build as _build
 from . import context
 from . import init as _init
 from .backends import backend_of, get_backend
-from .errors import BackendError, DeviceError, ModuleError
+from .errors import BackendError, DeviceError, ModuleError, ParameterNotFoundError
 from .explain import reraise as _reraise
 from .parameter import Parameter, _fmt_shape
 from .statedict import apply_load, plan_load
@@ -490,7 +490,7 @@ class Module:
         p = self._index().paths.get(path)
         if p is None:
             known = ", ".join(self._index().paths) or "none"
-            raise KeyError(f"{type(self).__name__} has no parameter {path!r}; it has: {known}")
+            raise ParameterNotFoundError(f"{type(self).__name__} has no parameter {path!r}; it has: {known}")
         return p
 
     def state_dict(self) -> dict:
