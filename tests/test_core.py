@@ -430,3 +430,15 @@ def test_functional_call_converts_and_checks_the_values_it_is_given(backend):
     assert isinstance(e.value, KeyError) and not str(e.value).startswith('"')
     with pytest.raises(TypeError, match="mapping"):
         lm.functional_call(layer, [np.ones((2, 3))], x)
+
+
+def test_saving_through_a_symlink_writes_the_target_and_keeps_the_link(tmp_path):
+    lm.set_backend("numpy")
+    target = tmp_path / "runs" / "best.safetensors"
+    target.parent.mkdir()
+    lm.save({"w": np.zeros(2, np.float32)}, target)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    lm.save({"w": np.ones(2, np.float32)}, link)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(to_np(lm.load(target)["w"]), [1.0, 1.0])

@@ -198,6 +198,8 @@ def _write_all(fd: int, data) -> None:
 
 
 def _atomic_write(path: Path, tensors: dict, meta: dict, durable: bool) -> None:
+    if path.is_symlink():  # write the file the link points to (as open() would), and keep the link
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointError(f"cannot save to '{path}': folder '{folder}' does not exist")
