@@ -107,3 +107,60 @@ def test_jax_predict_and_evaluate_run_compiled_in_eval_mode():
     np.testing.assert_allclose(res["loss"], (want**2).mean(), rtol=1e-4)
     assert len(traces) == 2
     assert all(m.training for m in net.modules())  # the modes are back
+
+
+class Seen(lm.Module):
+    """A forward that stores an input (the textbook's ``self.attention_weights``) and reads a Python number."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = lm.Linear(3, 1)
+        self.k = 1.0
+
+    def forward(self, x):
+        self.seen = x
+        return self.a(x) * self.k
+
+
+def x3(shift=0.0):
+    return np.arange(6, dtype=np.float32).reshape(2, 3) + shift
+
+
+def test_attributes_forward_sets_are_refreshed_by_predict_and_compile(backend):
+    m = Seen()
+    lm.functional_call(m, {}, x3(20))
+    lm.predict(m, x3(30))
+    np.testing.assert_array_equal(to_np(m.seen), x3(30))  # the last call's value, as eager
+    assert lm.backend_of(m.seen) is not None or backend == "numpy"
+    fast = lm.compile(m)
+    fast(x3(40))
+    np.testing.assert_array_equal(to_np(m.seen), x3(40))
+    fast(x3(50))  # the cached program: the attribute is still refreshed
+    np.testing.assert_array_equal(to_np(m.seen), x3(50))
+
+
+def test_predict_sees_a_changed_python_attribute(backend):
+    m = Seen()
+    x = x3()
+    w = {k: to_np(v).astype(np.float64) for k, v in m.state_dict().items()}
+    ref = x @ w["a.weight"] + w["a.bias"]
+    np.testing.assert_allclose(to_np(lm.predict(m, x)), ref, rtol=1e-5)
+    m.k = 5.0
+    np.testing.assert_allclose(to_np(lm.predict(m, x)), 5 * ref, rtol=1e-5)
+    np.testing.assert_allclose(to_np(m(x)), 5 * ref, rtol=1e-5)
+    res = lm.evaluate(m, lm.losses.mse, (x, np.zeros((2, 1), np.float32)))
+    np.testing.assert_allclose(res["loss"], ((5 * ref) ** 2).mean(), rtol=1e-5)
+    fast = lm.compile(m)  # lm.compile reads Python values when it traces; compiling again refreshes them
+    m.k = 2.0
+    np.testing.assert_allclose(to_np(lm.compile(m)(x)), 2 * ref, rtol=1e-5)
+    del fast
+
+
+@pytest.mark.parametrize("shape", [(0, 3)])
+def test_predict_on_no_rows_is_an_empty_array_of_the_output_shape(backend, shape):
+    m = lm.Linear(3, 2)
+    out = lm.predict(m, np.zeros(shape, np.float32))
+    assert tuple(out.shape) == (0, 2)
+    assert lm.backend_of(out) is lm.get_backend(backend) or backend == "numpy"
+    with pytest.raises(ValueError, match="no batches"):
+        lm.predict(m, [])

@@ -275,3 +275,25 @@ def test_fit_on_backend_arrays_matches_fit_on_numpy_arrays(grad_backend):
         losses.append(lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net), data, epochs=2, batch_size=16,
                              seed=4, progress=False)["loss"])
     np.testing.assert_array_equal(losses[0], losses[1])
+
+
+class _Seen(lm.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = lm.Linear(3, 1)
+
+    def forward(self, x):
+        self.seen = x
+        return self.a(x)
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 1, 2])
+def test_after_fit_an_attribute_forward_sets_holds_the_last_batch(grad_backend, steps_per_call):
+    m = _Seen()
+    x = np.arange(24, dtype=np.float32).reshape(8, 3)
+    y = np.zeros((8, 1), np.float32)
+    lm.fit(m, lm.losses.mse, lm.optim.SGD(m, lr=1e-4), (x, y), batch_size=2, shuffle=False,
+           steps_per_call=steps_per_call)
+    np.testing.assert_array_equal(to_np(m.seen), x[6:])  # as an eager loop leaves it: the last batch
+    lm.fit(m, lm.losses.mse, lm.optim.SGD(m, lr=1e-4), [(x[:2], y[:2]), (x[2:4], y[2:4])])
+    np.testing.assert_array_equal(to_np(m.seen), x[2:4])

@@ -21,6 +21,13 @@ state                   scope             what it is for
                                           ``lm.init.normal_(module.weight)`` finds the parameter
 ======================  ================  =========================================================
 
+Caches that belong to an object the user holds are not global state, but they are listed here so that
+nothing hides: ``train._INFERENCE`` (a ``WeakKeyDictionary`` model -> (backend, snapshot of the modules'
+plain attributes, compiled forward); one per model, rebuilt when the backend or a plain attribute changes);
+``optimizer.step_cache`` (``{(id(model), backend, loss, compile, outputs): (weakref(model), step)}``, the
+4 most recently used per optimizer, ``train.STEP_CACHE_SIZE``); the per-type dispatch caches of
+``backends.backend_of`` and ``lm.ops`` (array type -> adapter or namespace; they never change meaning).
+
 Thread-local state is what two threads could otherwise see half of: a pure call in one thread must not
 record the buffer writes of a plain call in another, nor a compiled step in one thread draw its dropout
 keys from a scope another thread opened. Process-wide state follows torch and numpy: one seed per process.

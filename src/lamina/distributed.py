@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .errors import LaminaError
-from .process_group import _torch_dist, barrier, initialize, is_main, rank, world_size
+from .process_group import all_gather, barrier, initialize, is_main, rank, world_size
 from .sharded import load_sharded, save_sharded
 
 __all__ = ["DataParallel", "DistributedError", "initialize", "rank", "world_size", "is_main", "barrier",
@@ -232,13 +232,13 @@ def first_difference(mine: list, theirs: list, me: int, other: int) -> str | Non
 def check_same_model(model) -> None:
     """Raise :class:`DistributedError` naming the first difference if the ranks' models differ in paths,
     shapes or dtypes (nothing to check in one process)."""
-    dist = _torch_dist()
-    if dist is None or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     mine = describe_model(model)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    me = dist.get_rank()
+    everyone = all_gather(mine)
+    if everyone is None:  # a group that cannot send Python objects (several jax processes)
+        return
+    me = rank()
     for other, theirs in enumerate(everyone):
         diff = first_difference(mine, theirs, me, other)
         if diff is not None:

@@ -25,14 +25,43 @@ from .tree import path_of
 def _as_shape(shape) -> tuple:
     if shape is None:
         return ()
+    if isinstance(shape, bool | np.bool_):
+        raise TypeError(f"a parameter shape is an int or a tuple of ints, got {shape!r}")
     if isinstance(shape, int | np.integer):
+        if shape < 0:
+            raise ValueError(f"a parameter shape holds non-negative ints or None, got {int(shape)}; "
+                             f"for a vector of {-int(shape)} write lm.Parameter(({-int(shape)},))")
         return (int(shape),)
+    if isinstance(shape, float | complex | np.generic):
+        raise TypeError(f"lm.Parameter takes a shape (an int or a tuple of ints) or an array, got the number "
+                        f"{shape!r}; for a scalar parameter holding it write lm.Parameter(value={shape!r}), "
+                        f"for an unset one of shape () lm.Parameter(())")
+    try:
+        items = list(shape)
+    except TypeError:
+        raise TypeError(f"a parameter shape is an int or a tuple of ints, got {type(shape).__name__} "
+                        f"{shape!r}") from None
     out = []
-    for s in shape:
-        if s is not None and (not isinstance(s, int | np.integer) or s < 0):
-            raise ValueError(f"a parameter shape holds non-negative ints or None, got {tuple(shape)!r}")
+    for s in items:
+        if s is not None and (isinstance(s, bool | np.bool_) or not isinstance(s, int | np.integer)):
+            if all(isinstance(v, int | float | np.number) and not isinstance(v, bool) for v in items):
+                raise TypeError(f"lm.Parameter got {shape!r}, which holds non-integers: a shape is a tuple of ints; "
+                                f"to give the parameter these values write lm.Parameter(value={shape!r})")
+            raise ValueError(f"a parameter shape holds non-negative ints or None, got {tuple(items)!r}")
+        if s is not None and s < 0:
+            raise ValueError(f"a parameter shape holds non-negative ints or None, got {tuple(items)!r}")
         out.append(None if s is None else int(s))
     return tuple(out)
+
+
+class _GivenShapeError(ShapeError):
+    """A parameter's given shape and value disagree: raised at construction, before any layer holds it."""
+
+    def __init__(self, message: str):
+        super().__init__(None, message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _fmt_shape(shape) -> str:
@@ -47,9 +76,12 @@ class Parameter:
         shape: a tuple of ints; ``None`` marks an axis that ``build`` fills in (``(None, units)``).
         init: an initializer ``init(shape, rng) -> array`` (see ``lm.init``). Default: Glorot uniform
             for 2+ axes, zeros for vectors and scalars.
-        dtype: a dtype name, ``"float32"`` by default.
+        dtype: a dtype name, ``"float32"`` by default; with ``value``, the array's own dtype unless given
+            (Python numbers and lists become float32, as torch's default).
         trainable: ``False`` freezes it: no gradient, never updated by an optimizer.
-        value: an initial array instead of ``shape`` and ``init`` (its shape and dtype are kept).
+        value: an initial array instead of ``shape`` and ``init`` (its shape and dtype are kept). A
+            ``shape`` given with it must be the value's (a ``ShapeError`` otherwise). ``lm.Parameter(2.5)`` or
+            ``lm.Parameter([1.0, 2.0])`` is a ``TypeError`` pointing to ``value=``: a list of ints is a shape.
 
     Example:
         >>> import lamina as lm
@@ -65,17 +97,26 @@ class Parameter:
 
     _is_buffer = False
 
-    def __init__(self, shape=None, init=None, *, dtype: str = "float32", trainable: bool = True,
+    def __init__(self, shape=None, init=None, *, dtype: str | None = None, trainable: bool = True,
                  value=None):
         if value is None and shape is not None and _is_array(shape):
             value, shape = shape, None  # lm.Parameter(array), as torch.nn.Parameter(tensor)
         if value is not None:
+            from_array = _is_array(value)
             array = np.array(_on_host(value), copy=True)
+            if dtype is not None:
+                array = array.astype(str(dtype).removeprefix("torch."))
+            elif not from_array and array.dtype == np.float64:
+                array = array.astype(np.float32)  # Python numbers and lists: the default float dtype, as torch
+            if shape is not None and _as_shape(shape) != array.shape:
+                raise _GivenShapeError(f"lm.Parameter was given shape {_fmt_shape(_as_shape(shape))} and a value of "
+                                       f"shape {_fmt_shape(array.shape)}; give one of them (the value's shape is "
+                                       f"used), or reshape the value to {_fmt_shape(_as_shape(shape))}")
             shape = array.shape
             dtype = str(array.dtype)
             init = _Fixed(array)
         self.shape = _as_shape(shape)
-        self.dtype = str(dtype).removeprefix("torch.")
+        self.dtype = str(dtype if dtype is not None else "float32").removeprefix("torch.")
         if init is not None and not callable(init):
             raise TypeError(f"init must be an initializer callable init(shape, rng), got {init!r}")
         self.init = init if init is not None else (
@@ -312,6 +353,21 @@ class Parameter:
         self._grad = None
         self.show()
 
+    def assign(self, new, *, copy: bool = True) -> None:
+        """Store the values of ``new`` (an array of any backend, NumPy, a list): converted to this
+        parameter's backend and device, cast to its dtype, its shape checked (``p.value = new`` is the
+        same). ``copy=False``: the caller hands over an array of this backend that nobody else holds, which
+        becomes the value without a copy (a checkpoint load does this)."""
+        self._assign(new, fresh=not copy)
+
+    def written_in_place(self) -> None:
+        """Tell the parameter that its value's memory was written directly (a checkpoint read straight into
+        it): the backend is told (torch bumps the tensor's version counter, so autograd refuses graphs
+        recorded before), and the old gradient is forgotten."""
+        if self._value is not None:
+            self.backend.mark_written(self._value)
+        self._grad = None
+
     def _assign(self, new, fresh: bool = False) -> None:
         """Set the value from user data, keeping shape and dtype (values are cast to the dtype).
 
@@ -383,7 +439,7 @@ class Buffer(Parameter):
 
     def __init__(self, value=None, *, shape=None, init=None, dtype: str = "float32", persistent: bool = True):
         if value is not None and not isinstance(value, tuple):
-            super().__init__(value=value, trainable=False)
+            super().__init__(shape, value=value, trainable=False)
         else:
             super().__init__(shape if shape is not None else value, init or _init.zeros(), dtype=dtype,
                              trainable=False)

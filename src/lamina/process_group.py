@@ -1,63 +1,36 @@
 """The process group a program runs in: rank, world size, barrier (torch.distributed under torchrun, or
-several jax processes), without importing a backend that the program does not use."""
+several jax processes), without importing a backend that the program does not use. Which group is which
+is known only to the process-group rooms of ``training/`` (``training.GROUPS``)."""
 
 from __future__ import annotations
 
-import sys
+from .training import GROUPS, active_group, group_room
 
-__all__ = ["initialize", "rank", "world_size", "is_main", "barrier"]
-
-
-# ----- process group (torch.distributed when a torch program runs under torchrun) ----------------------
-def _torch_dist():
-    """``torch.distributed`` if torch is already imported and a process group is up, else None (never imports
-    torch: a numpy or jax program pays nothing)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
-    dist = torch.distributed
-    return dist if dist.is_available() and dist.is_initialized() else None
+__all__ = ["initialize", "rank", "world_size", "is_main", "barrier", "broadcast", "all_gather"]
 
 
-def initialize(backend: str | None = None, timeout: float = 300.0) -> None:
-    """Join the torch process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...),
-    with a timeout (seconds) after which a collective that waits for a dead or stuck rank fails instead of
-    hanging. ``backend``: ``"nccl"`` where CUDA is available, else ``"gloo"``."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+def initialize(backend: str | None = None, timeout: float = 300.0, *, framework: str = "torch") -> None:
+    """Join the process group of ``framework`` (default: the torch process group that ``torchrun`` describes:
+    ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...), with a timeout (seconds) after which a collective that
+    waits for a dead or stuck rank fails instead of hanging. ``backend``: the collective library,
+    ``"nccl"`` where CUDA is available, else ``"gloo"``."""
+    room = group_room(framework)
+    if room is None:
+        raise ValueError(f"initialize: no process group for {framework!r}; expected one of "
+                         f"{sorted(GROUPS)}")
+    room.initialize(backend, timeout)
 
 
 def rank() -> int:
     """This process's rank (0 without a process group)."""
-    dist = _torch_dist()
-    if dist is not None:
-        return dist.get_rank()
-    jax = sys.modules.get("jax")
-    return jax.process_index() if jax is not None and _jax_multi(jax) else 0
+    group = active_group()
+    return 0 if group is None else group.rank()
 
 
 def world_size() -> int:
     """The number of processes (1 without a process group)."""
-    dist = _torch_dist()
-    if dist is not None:
-        return dist.get_world_size()
-    jax = sys.modules.get("jax")
-    return jax.process_count() if jax is not None and _jax_multi(jax) else 1
-
-
-def _jax_multi(jax) -> bool:
-    try:
-        return jax.process_count() > 1
-    except RuntimeError:
-        return False
+    group = active_group()
+    return 1 if group is None else group.world_size()
 
 
 def is_main() -> bool:
@@ -67,8 +40,22 @@ def is_main() -> bool:
 
 def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
-    dist = _torch_dist()
-    if dist is not None:
-        dist.barrier()
+    group = active_group()
+    if group is not None:
+        group.barrier()
 
 
+def broadcast(obj):
+    """``obj`` as rank 0 has it (``obj`` itself without a process group)."""
+    group = active_group()
+    return obj if group is None or group.world_size() == 1 else group.broadcast(obj)
+
+
+def all_gather(obj) -> list | None:
+    """Every rank's ``obj`` (a picklable object), by rank: ``[obj]`` without a process group, None where
+    the group cannot send Python objects."""
+    group = active_group()
+    if group is None:
+        return [obj]
+    gather = group.all_gather
+    return None if gather is None else gather(obj)

@@ -39,17 +39,17 @@ _OPT = "optimizer/"
 
 
 def _gathered_on_host(model, arrays: dict) -> dict:
+    """Whole values on the host: a value sharded over devices or processes (an FSDP2 ``DTensor``, a jax
+    array over several processes) is gathered by the process-group room of the model's backend."""
     from .backends import get_backend
+    from .training import group_room
 
     b = get_backend(model.backend)
+    room = group_room(model.backend)
     out = {}
     for k, v in arrays.items():
-        if hasattr(v, "full_tensor"):  # a torch DTensor (FSDP2): gather the whole value
-            v = v.full_tensor()
-        if hasattr(v, "is_fully_addressable") and not v.is_fully_addressable:  # jax array over several processes
-            from jax.experimental import multihost_utils
-
-            v = multihost_utils.process_allgather(v, tiled=True)
+        if room is not None:
+            v = room.full_value(v)
         out[k] = np.asarray(v) if isinstance(v, np.ndarray) else b.to_numpy(v)
     return out
 
@@ -66,15 +66,6 @@ def assign(sizes: dict, world: int) -> dict:
     return out
 
 
-def _broadcast(obj):
-    dist = distributed._torch_dist()
-    if dist is None or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_sharded(model, directory, *, optimizer=None, metadata: dict | None = None, prefix: str = "model") -> str:
     """Write ``model`` (and ``optimizer``'s state) as a sharded checkpoint in ``directory``; every process of a
     process group must call it. Returns the index file's path."""
@@ -86,7 +77,7 @@ def save_sharded(model, directory, *, optimizer=None, metadata: dict | None = No
     if optimizer is not None:
         tensors.update({_OPT + k: v for k, v in _gathered_on_host(model, optimizer.state_dict()).items()})
     owner = assign({k: int(v.nbytes) for k, v in tensors.items()}, world)
-    tag = _broadcast(f"{time.time_ns():x}")
+    tag = distributed.broadcast(f"{time.time_ns():x}")
     names = [f"{prefix}-{tag}-{r + 1:05d}-of-{world:05d}.safetensors" for r in range(world)]
     distributed.barrier()  # the folder exists
     mine = {k: v for k, v in tensors.items() if owner[k] == rank}

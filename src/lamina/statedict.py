@@ -122,7 +122,7 @@ def plan_load(model, specs: dict, aliases: dict, allow_missing: bool, ignore_ext
 def _tie_problem(q, p, spec) -> str | None:
     """Why parameter ``q`` may not be replaced by ``p`` (a tie recorded in a file), or None."""
     def kind(x):
-        return "buffer" if x._is_buffer else "parameter"
+        return "buffer" if x.is_buffer else "parameter"
 
     if kind(q) != kind(p):
         return f"it is a {kind(q)} in the model and {kind(p)} would replace it"
@@ -205,16 +205,18 @@ def apply_load(model, plan, fetch, reader=None, source: str = "the state dict") 
         setattr(owner, name, target)
     for p, key in assignments:
         if key in early:
-            p._assign(early[key], fresh=True)
+            p.assign(early[key], copy=False)
             continue
         if reader is not None:
-            view = p.backend.host_view(p._value) if p._value is not None else None
+            # only a drawn value is read into (p.device is None before the draw): an undrawn parameter is
+            # not drawn just to be overwritten
+            value = p.value if p.device is not None else None
+            view = p.backend.host_view(value) if value is not None else None
             if (view is not None and view.shape == reader.specs[key][0] and p.dtype == reader.specs[key][1]
                     and reader.read_into(key, view)):
-                p.backend.mark_written(p._value)
-                p._grad = None
+                p.written_in_place()
                 continue
-            p._assign(p.backend.from_numpy(reader.get(key), p._device, copy=False), fresh=True)
+            p.assign(p.backend.from_numpy(reader.get(key), p._device, copy=False), copy=False)
         else:
-            p._assign(fetch(key))
+            p.assign(fetch(key))
     model._draw_parameters()  # anything left without a value (allow_missing on a fresh model)

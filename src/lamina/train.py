@@ -25,7 +25,8 @@ import numpy as np
 
 from .backends import backend_of, get_backend
 from .module import Module
-from .training import trainer_for
+from .training import active_group, trainer_for
+from .training.base import map_inputs as _map
 
 __all__ = ["fit", "evaluate", "predict", "compile", "History", "Callback", "EarlyStopping", "Checkpoint"]
 
@@ -43,15 +44,6 @@ def _is_arrays(x) -> bool:
 
 def _leaves(x) -> list:
     return list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple | list) else [x]
-
-
-def _map(f, x):
-    """``f`` on the array ``x``, or on each array of a tuple, list or dict of inputs (same container back)."""
-    if isinstance(x, dict):
-        return {k: f(v) for k, v in x.items()}
-    if isinstance(x, tuple | list):
-        return type(x)(f(v) for v in x)
-    return f(x)
 
 
 def _rows(x) -> int:
@@ -220,7 +212,7 @@ def _converter(model: Module):
 
 
 def _to_model(model: Module, a):
-    return model._convert_inputs((a,))[0]
+    return model.convert_inputs(a)[0]
 
 
 def _float(x) -> float:
@@ -367,15 +359,24 @@ class _Trainer:
         self.epoch = -1
 
 
+#: how many train steps an optimizer keeps (``optimizer.step_cache``), the most recently used: a new loss
+#: object per fit call (a lambda) would otherwise grow the cache, and its compiled programs, forever
+STEP_CACHE_SIZE = 4
+
+
 def _train_step(model: Module, loss: Loss, optimizer, compile, outputs: bool):
     """The backend's train step for this model, loss, optimizer and compile choice, built once and kept
-    with the optimizer, so that calling fit again (or once per epoch) does not compile again."""
+    with the optimizer, so that calling fit again (or once per epoch) does not compile again. The cache
+    keeps the ``STEP_CACHE_SIZE`` most recently used steps."""
     cache = optimizer.step_cache
     key = (id(model), model.backend, loss, compile, outputs)
-    hit = cache.get(key)
+    hit = cache.pop(key, None)
     if hit is None or hit[0]() is not model:
-        hit = cache[key] = (weakref.ref(model),
-                            trainer_for(get_backend(model.backend)).make_step(model, loss, optimizer, compile, outputs))
+        hit = (weakref.ref(model),
+               trainer_for(get_backend(model.backend)).make_step(model, loss, optimizer, compile, outputs))
+    cache[key] = hit  # (re)inserted last: the most recently used
+    while len(cache) > STEP_CACHE_SIZE:
+        del cache[next(iter(cache))]
     return hit[1]
 
 
@@ -389,8 +390,8 @@ def _parallel_plan(model: Module, parallel):
 
 
 def _distributed_may_apply() -> bool:
-    torch = sys.modules.get("torch")  # a torch process group is only ever up if torch is imported
-    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Whether this process is one of several (a process group is up); imports no backend."""
+    return active_group() is not None
 
 
 def _epoch(plan, data, batch_size: int, shuffle: bool, rng):
@@ -579,11 +580,17 @@ def predict(model: Module, data, batch_size: int = 256):
     b = get_backend(model.backend)
     if hasattr(data, "shape") or (isinstance(data, tuple | dict) and _is_arrays(data)):
         n = _rows(data)
+        if n == 0:  # no rows: the model itself (eagerly) gives the empty output of the right shape
+            with model.mode(False), b.no_grad():
+                return _call(model, _to_model(model, data))
         data = [_map(lambda a, i=i: a[i:i + batch_size], data) for i in range(0, n, batch_size)]
     forward = _inference(model)
     with model.mode(False), b.no_grad():
         outs = [_call(forward, _to_model(model, xb)) for xb in data]
-    return b.xp.concat(outs, axis=0) if outs else None
+    if not outs:
+        raise ValueError("predict: the data has no batches, so there is no output shape to return; pass an "
+                         "array (an empty one gives an empty output) or at least one batch")
+    return b.xp.concat(outs, axis=0)
 
 
 def compile(model: Module):
@@ -594,7 +601,11 @@ def compile(model: Module):
     compiling again, and nothing the caller holds is donated. On torch, ``torch.compile`` (it reads the
     parameters on each call too; on CPU it pays only for large models). On a backend without a compiler
     (numpy) it returns ``model`` itself. Inputs are converted as ``model(x)`` converts them; Python
-    numbers among the arguments become traced values on jax.
+    numbers among the arguments become traced values on jax. Arrays that forward assigns to attributes
+    (``self.attention_weights = w``) hold the last call's values, as after an eager call. Plain Python
+    attributes of the modules (``self.k = 5.0``) are read when the program is traced, as with ``jax.jit``:
+    after changing one, call ``lm.compile(model)`` again (``lm.predict`` and ``lm.evaluate`` notice such a
+    change themselves and compile again).
 
     >>> import lamina as lm, numpy as np
     >>> lm.set_backend("numpy"); net = lm.Linear(2, 1)
@@ -616,19 +627,47 @@ def _room(model: Module):
         return None
 
 
+#: model -> (backend, Python attributes, compiled forward): the forward that evaluate and predict use on a
+#: backend that compiles inference; it lives as long as the model (weak keys), one per model
 _INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN = (int, float, bool, str, type(None))
+
+
+_BOOKKEEPING: set = set()
+
+
+def _bookkeeping() -> set:
+    """The attributes ``Module`` keeps for itself (built flags, mode, caches): not the user's values."""
+    _BOOKKEEPING.update(Module().__dict__, ("training", "_built", "_building", "_pass", "_model_index"))
+    return _BOOKKEEPING
+
+
+def _python_values(model: Module) -> tuple:
+    """Every module's plain Python attributes (numbers, strings, tuples of them): a compiled forward reads
+    them when it is traced, so a change of one (``m.k = 5.0``) must compile again. ``Module``'s own
+    bookkeeping is left out (the compiled forward takes the modes as its own key)."""
+    skip = _BOOKKEEPING or _bookkeeping()
+    out = []
+    for m in model.modules():
+        for name, v in m.__dict__.items():
+            t = type(v)
+            if name not in skip and (t in _PLAIN or (t is tuple and all(type(e) in _PLAIN for e in v))):
+                out.append((id(m), name, v))
+    return tuple(out)
 
 
 def _inference(model: Module):
     """The forward that ``evaluate`` and ``predict`` use: compiled where the backend's room says that
-    compiling pays for inference (``COMPILE_INFERENCE``: jax), built once per model; else the model."""
+    compiling pays for inference (``COMPILE_INFERENCE``: jax), built once per model and per state of its
+    Python attributes (read once per call of evaluate or predict); else the model."""
     room = _room(model)
     if not getattr(room, "COMPILE_INFERENCE", False):
         return model
+    values = _python_values(model)
     hit = _INFERENCE.get(model)
-    if hit is None or hit[0] != model.backend:
-        hit = _INFERENCE[model] = (model.backend, room.make_forward(model))
-    return hit[1]
+    if hit is None or hit[0] != model.backend or hit[1] != values:
+        hit = _INFERENCE[model] = (model.backend, values, room.make_forward(model))
+    return hit[2]
 
 
 def _call(forward, x):

@@ -9,10 +9,11 @@ it is asked for, so ``import lamina`` imports no backend. A new backend that can
 from __future__ import annotations
 
 import importlib
+import sys
 
 from ..errors import BackendError
 
-__all__ = ["trainer_for", "ROOMS"]
+__all__ = ["trainer_for", "ROOMS", "GROUPS", "active_group", "group_room"]
 
 #: backend name -> the module of its training room
 ROOMS = {"torch": "lamina.training.torch", "jax": "lamina.training.jax",
@@ -33,3 +34,24 @@ def trainer_for(backend):
         raise BackendError(f"the {backend.name} backend cannot train (it has no automatic differentiation); "
                            "train on torch or jax and load the weights here")
     return importlib.import_module(room)
+
+
+#: backend name -> the module of its process-group room (``torch_dist.py`` documents the interface)
+GROUPS = {"torch": "lamina.training.torch_dist", "jax": "lamina.training.jax_dist"}
+
+
+def group_room(name: str):
+    """The process-group room of the backend ``name`` (imported, and its backend with it), or None."""
+    room = GROUPS.get(name)
+    return None if room is None else importlib.import_module(room)
+
+
+def active_group():
+    """The process-group room whose group is up (a torch process group under ``torchrun``, several jax
+    processes), or None. Never imports a backend: one that is not imported yet has no group up."""
+    for name, room in GROUPS.items():
+        if name in sys.modules:
+            group = importlib.import_module(room)
+            if group.is_active():
+                return group
+    return None

@@ -36,7 +36,7 @@ the user may still hold.
 
 from __future__ import annotations
 
-__all__ = ["state_keys", "call"]
+__all__ = ["state_keys", "call", "map_inputs", "carry_out", "carry_in"]
 
 
 def call(model, x):
@@ -50,6 +50,34 @@ def call(model, x):
     return model(x)
 
 
+def map_inputs(f, x):
+    """``f`` on the array ``x``, or on each array of a tuple, list or dict of inputs (same container back)."""
+    if isinstance(x, dict):
+        return {k: f(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(f(v) for v in x)
+    return f(x)
+
+
 def state_keys(names, slots) -> list:
     """Every key of an optimizer state: ``"<path>/<slot>"`` per slot, then ``"<path>/step"``."""
     return [f"{k}/{s}" for k in names for s in (*slots, "step")]
+
+
+def carry_out(carried: list, targets: dict) -> dict:
+    """The traced values of the attributes forward assigned (``_swapped``'s ``carry``), keyed so that the
+    caller of the compiled function finds their modules in ``targets`` (filled while tracing)."""
+    out = {}
+    for m, name, value in carried:
+        key = f"{id(m)}.{name}"
+        targets[key] = (m, name)
+        out[key] = value
+    return out
+
+
+def carry_in(attrs: dict, targets: dict) -> None:
+    """Set the concrete values a compiled call returned for the attributes its forward assigned (the last
+    assignment wins, as in an eager call)."""
+    for key, value in attrs.items():
+        m, name = targets[key]
+        m.__dict__[name] = value

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import context, random
-from .base import call, state_keys
+from ..backends import get_backend
+from .base import call, carry_in, carry_out, state_keys
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -39,30 +40,34 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     """``step(x, y, lr) -> (loss, out)`` as one ``jax.jit`` program; see ``training/base.py``."""
     from ..functional import _swapped
 
-    eng = optimizer.engine(model._backend)
+    eng = optimizer.engine(get_backend(model.backend))
     opt = optimizer
 
     def pure(params, bufs, consts, state, x, y, scalars, seed):
         def f(ps):
             swap = {**consts, **bufs, **{paths[k]: v for k, v in ps.items()}}
-            with _swapped(model, swap) as writes, random.key_scope(jax.random.key(seed)) as scope:
-                out = call(model, x)
+            carried: list = []
+            with random.key_scope(jax.random.key(seed)) as scope:
+                with _swapped(model, swap, carried) as writes:
+                    out = call(model, x)
+                writes = dict(writes)
             if scope[1]:  # seen while tracing: this model draws random numbers, it needs a new seed per step
                 uses_keys[0] = True
-            return loss_fn(out, y), (out, dict(writes))
+            return loss_fn(out, y), (out, writes, carry_out(carried, targets))
 
-        (loss, (out, writes)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        (loss, (out, writes, attrs)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        attrs = jax.lax.stop_gradient(attrs)
         params, state = eng.update_all(grads, state, params, scalars)
-        return params, {**bufs, **writes}, state, loss, (out if outputs else None)
+        return params, {**bufs, **writes}, state, loss, (out if outputs else None), attrs
 
     def many(params, bufs, consts, state, xs, ys, table, seeds):
         """Steps over the leading axis of xs, ys, table and seeds, as one program: the same update per step."""
         def body(carry, batch):
-            p, b, s, loss, _ = pure(carry[0], carry[1], consts, carry[2], *batch)
-            return (p, b, s), loss
+            p, b, s, loss, _, attrs = pure(carry[0], carry[1], consts, carry[2], *batch)
+            return (p, b, s), (loss, attrs)
 
-        (params, bufs, state), losses = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
-        return params, bufs, state, losses
+        (params, bufs, state), (losses, attrs) = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
+        return params, bufs, state, losses, _last(attrs)
 
     def indexed(params, bufs, consts, state, data, order, table, seeds, i, full, size, k):
         """Steps on batches gathered on the device from the epoch's arrays ``data`` = (x, y): step ``i`` of
@@ -78,14 +83,15 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 idx = jax.lax.dynamic_slice_in_dim(order, j * full, size)
                 rows = lambda a: jnp.take(a, idx, axis=0, mode="clip")  # noqa: E731
             xb, yb = jax.tree_util.tree_map(rows, data)
-            p, b, s, loss, out = pure(p, b, consts, s, xb, yb, table[j], seeds[j] if seeds.ndim else seeds)
-            return (p, b, s, j + 1), (loss, out, yb)
+            p, b, s, loss, out, attrs = pure(p, b, consts, s, xb, yb, table[j], seeds[j] if seeds.ndim else seeds)
+            return (p, b, s, j + 1), (loss, out, yb, attrs)
 
         if k == 0:
-            (params, bufs, state, i), (loss, out, yb) = one((params, bufs, state, i), None)
-            return params, bufs, state, i, loss, out, (yb if outputs else None)
-        (params, bufs, state, i), (losses, _, _) = jax.lax.scan(one, (params, bufs, state, i), None, length=k)
-        return params, bufs, state, i, losses, None, None
+            (params, bufs, state, i), (loss, out, yb, attrs) = one((params, bufs, state, i), None)
+            return params, bufs, state, i, loss, out, (yb if outputs else None), attrs
+        (params, bufs, state, i), (losses, _, _, attrs) = jax.lax.scan(one, (params, bufs, state, i), None,
+                                                                        length=k)
+        return params, bufs, state, i, losses, None, None, _last(attrs)
 
     run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3))
     run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3))
@@ -94,6 +100,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     lay: dict = {"v": None}
     owned: dict = {}  # id -> array, for arrays this step produced and nobody else holds: safe to donate
     uses_keys = [None]  # None until the first trace tells whether any layer draws random numbers
+    targets: dict = {}  # attributes forward assigns (see base.carry_out), found while tracing
     fixed = {None: jnp.zeros((), jnp.uint32)}  # for models without randomness: no host draw, no transfer
     timing = {"k": None, "times": []}
 
@@ -116,8 +123,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             paths.clear()
             paths.update({k: where.get(id(p), k) for k, p in entries})
             rest = [(path, p) for path, p in all_entries if id(p) not in trainable]
-            lay.update(v=version, entries=entries, bufs=[(k, p) for k, p in rest if p._is_buffer],
-                       consts=[(k, p) for k, p in rest if not p._is_buffer])
+            lay.update(v=version, entries=entries, bufs=[(k, p) for k, p in rest if p.is_buffer],
+                       consts=[(k, p) for k, p in rest if not p.is_buffer])
             eng.ensure(entries)
         return lay["entries"], lay["bufs"], lay["consts"]
 
@@ -160,8 +167,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
     def step(x, y, lr):
         entries, buf_entries, params, bufs, consts, state = arguments()
-        params, bufs, state, loss, out = run(params, bufs, consts, state, x, y,
-                                             opt.scalars(lr, eng.count + 1), seeds())
+        params, bufs, state, loss, out, attrs = run(params, bufs, consts, state, x, y,
+                                                    opt.scalars(lr, eng.count + 1), seeds())
+        carry_in(attrs, targets)
         if uses_keys[0] is None:
             uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
         eng.count += 1
@@ -172,7 +180,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
         entries, buf_entries, params, bufs, consts, state = arguments()
         table = np.stack([opt.scalars(lr, eng.count + 1 + i) for i, lr in enumerate(lrs)])
-        params, bufs, state, losses = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)))
+        params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)))
+        carry_in(attrs, targets)
         if uses_keys[0] is None:
             uses_keys[0] = False
         eng.count += len(lrs)
@@ -225,9 +234,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
         def call(size, kk):
             nonlocal i
-            p, b, st, i, loss, out, yb = run_indexed(held[0], held[1], consts, held[2], data, dev_order, table,
-                                                      seeds_, i, batch_size, size, kk)
+            p, b, st, i, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, dev_order,
+                                                             table, seeds_, i, batch_size, size, kk)
             held[:] = [p, b, st]
+            carry_in(attrs, targets)
             if uses_keys[0] is None:
                 uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
             eng.count += max(kk, 1)
@@ -302,7 +312,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         the device itself, ~10x cheaper than ``jax.device_put`` first), floating ones as float32."""
         if type(a) is np.ndarray and a.dtype.kind in "biuf":
             return a.astype(np.float32) if a.dtype == np.float64 else a
-        return model._convert_inputs((a,))[0]
+        return model.convert_inputs(a)[0]
 
     timed.compiled = run  # exposed so tests can count compilations
     timed.convert = convert if compile is not False else None
@@ -385,19 +395,26 @@ class _Engine:
 
 def make_forward(model):
     """``forward(*args, **kwargs)``: ``model``'s forward as one ``jax.jit`` program per input shape (and
-    per combination of module modes), through ``functional_call`` with the current parameters and buffers
-    passed as arguments, so that later updates of the weights are seen without compiling again. Nothing
-    is donated. Buffer writes made in training mode (BatchNorm's running statistics) are stored back."""
-    from ..functional import functional_call
+    per combination of module modes), with the current parameters and buffers passed as arguments, so that
+    later updates of the weights are seen without compiling again. Nothing is donated. Buffer writes made
+    in training mode (BatchNorm's running statistics) are stored back, and arrays that forward assigns to
+    module attributes (``self.attention_weights = w``) are set to their values after each call, as an
+    eager call leaves them. Plain Python values (``self.k = 5.0``) are read when jax traces, like
+    ``jax.jit``: after changing one, build the forward again (``lm.compile(model)``)."""
+    from ..functional import _swapped
 
     uses_keys = [None]
+    targets: dict = {}  # "<id of module>.<name>" -> (module, name): attributes forward sets, seen when traced
 
     def pure(modes, values, seed, args, kwargs):
+        carried: list = []
         with random.key_scope(jax.random.key(seed)) as scope:
-            out, writes = functional_call(model, values, *args, return_buffers=True, **kwargs)
+            with _swapped(model, values, carried) as writes:
+                out = model(*args, **kwargs)
+            writes = dict(writes)
         if scope[1]:
             uses_keys[0] = True
-        return out, writes
+        return out, writes, carry_out(carried, targets)
 
     run = jax.jit(pure, static_argnums=(0,))
     lay: dict = {"v": None}
@@ -413,17 +430,23 @@ def make_forward(model):
         values = {k: p.value for k, p in lay["entries"]}
         seed = zero if uses_keys[0] is False else np.uint32(random.next_seed())
         args, kwargs = _native(model, args), {k: _native(model, v) for k, v in kwargs.items()}
-        out, writes = run(modes, values, seed, args, kwargs)
+        out, writes, attrs = run(modes, values, seed, args, kwargs)
         if uses_keys[0] is None:
             uses_keys[0] = False
         if writes:
             paths = dict(lay["entries"])
             for k, v in writes.items():
                 paths[k].set_value(v, trusted=True)
+        carry_in(attrs, targets)
         return out
 
     forward.compiled = run  # exposed so tests can count compilations
     return forward
+
+
+def _last(stacked: dict) -> dict:
+    """The last step's values of attributes a scan of steps stacked (the last assignment wins)."""
+    return {k: v[-1] for k, v in stacked.items()}
 
 
 def _native(model, a):

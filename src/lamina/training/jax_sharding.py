@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ..backends import get_backend
 from ..distributed import DataParallel, DistributedError, Plan
 
 __all__ = ["plan", "mesh_of", "place_model"]
@@ -68,7 +69,7 @@ def place_model(model, optimizer, mesh: Mesh, axis: str = "data", shard_params: 
         if getattr(v, "sharding", None) != s:
             p.set_value(_put(v, s), trusted=True)
     if optimizer is not None:
-        eng = optimizer.engine(model._backend)
+        eng = optimizer.engine(get_backend(model.backend))
         entries = optimizer.entries()
         eng.ensure(entries)
         for k, _ in entries:
@@ -120,7 +121,7 @@ class JaxPlan(Plan):
 
     def wrap(self, step, model, loss, optimizer, compile, outputs):
         placed = [False]
-        convert = getattr(step, "convert", None) or (lambda a: model._convert_inputs((a,))[0])
+        convert = getattr(step, "convert", None) or (lambda a: model.convert_inputs(a)[0])
 
         def ensure_placed():
             if not placed[0] and model.is_built:

@@ -21,16 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 from .. import context, random
-from .base import state_keys
+from ..backends import get_backend
+from .base import carry_in, carry_out, state_keys
 
 __all__ = ["make_step", "engine"]
 
 
 def make_step(model, loss_fn, optimizer, compile, outputs=True):
     """``step(x, y, lr) -> (loss, out)``; see ``training/base.py``."""
-    from ..functional import functional_call
+    from ..functional import _swapped
 
-    backend = model._backend
+    backend = get_backend(model.backend)
+    targets: dict = {}  # attributes forward assigns (see base.carry_out), found while tracing
     eng = optimizer.engine(backend)
     cache: dict = {"v": None}
 
@@ -59,12 +61,16 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 with random.key_scope(seed):  # several inputs: a tuple/list positional, a dict keyword (call())
                     t = type(x)
                     args, kwargs = (tuple(x), {}) if t in (tuple, list) else ((), x) if t is dict else ((x,), {})
-                    out, writes = functional_call(model, buffers, *args, return_buffers=True, **kwargs)
+                    model.ensure_built(*args, **kwargs)
+                    carried: list = []
+                    with _swapped(model, buffers, carried) as writes:
+                        out = model(*args, **kwargs)
+                    writes = dict(writes)
                 loss = loss_fn(out, y)
             grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             eng.apply(variables, grads, slots, scalars)
             new_bufs = {k: writes.get(k, v) for k, v in buffers.items()}
-            return loss, (out if outputs else None), new_bufs
+            return loss, (out if outputs else None), new_bufs, carry_out(carried, targets)
 
         if compile is False:
             return body
@@ -92,8 +98,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         buffers = {k: p.value for k, p in bufs}
         scalars = tf.constant(optimizer.scalars(lr, eng.count + 1))
         seed = tf.constant([random.next_seed(), 0], tf.int64)
-        loss, out, new_bufs = cache["run"](x, y, buffers, scalars, seed)
+        loss, out, new_bufs, attrs = cache["run"](x, y, buffers, scalars, seed)
         eng.count += 1
+        carry_in(attrs, targets)
         for k, p in bufs:
             if new_bufs[k] is not buffers[k]:
                 p.set_value(new_bufs[k], trusted=True)

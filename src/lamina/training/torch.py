@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from .. import context
-from .base import call, state_keys
+from ..backends import get_backend
+from .base import call, map_inputs, state_keys
 
 __all__ = ["make_step", "engine", "make_forward"]
 
 
 def make_step(model, loss_fn, optimizer, compile, outputs=True):
     """``step(x, y, lr) -> (loss, out)``; see ``training/base.py``."""
-    eng = optimizer.engine(model._backend)
+    eng = optimizer.engine(get_backend(model.backend))
 
     def forward_loss(x, y):
         out = call(model, x)
@@ -48,17 +49,18 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         """One epoch over the arrays ``x`` (an array, or a tuple or dict of arrays) and ``y``: each is made
         a tensor once (NumPy float32 memory is shared, not copied), and each batch is one ``index_select``
         (a view, unshuffled) of it. Yields ``(loss, out, rows, 1, targets)`` per step, as ``fit``'s loop."""
-        data = [_map(tensor, x), _map(tensor, y)]
+        data = [map_inputs(tensor, x), map_inputs(tensor, y)]
         n = int(data[1].shape[0])
         index = None if order is None else torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
         for j, lo in enumerate(range(0, n, batch_size)):
             if index is None:
-                xb, yb = _map(lambda a, lo=lo: a[lo:lo + batch_size], data[0]), data[1][lo:lo + batch_size]
+                xb, yb = map_inputs(lambda a, lo=lo: a[lo:lo + batch_size], data[0]), data[1][lo:lo + batch_size]
             else:
                 rows = index[lo:lo + batch_size]
                 if rows.device != data[1].device:
                     rows = rows.to(data[1].device)
-                xb, yb = _map(lambda a, rows=rows: a.index_select(0, rows), data[0]), data[1].index_select(0, rows)
+                xb = map_inputs(lambda a, rows=rows: a.index_select(0, rows), data[0])
+                yb = data[1].index_select(0, rows)
             loss, out = step(xb, yb, lr_at(start + j))
             yield loss, out, int(yb.shape[0]), 1, yb
 
@@ -67,21 +69,13 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         if type(a) is np.ndarray and a.dtype.kind in "biuf":
             if a.dtype == np.float64:
                 a = a.astype(np.float32)
-            return model._backend.from_numpy(a, model.device, copy=False)
+            return get_backend(model.backend).from_numpy(a, model.device, copy=False)
         return model.convert_inputs(a)[0]
 
     step.many = None
     step.group = lambda x: 1
     step.epoch = epoch
     return step
-
-
-def _map(f, x):
-    if isinstance(x, dict):
-        return {k: f(v) for k, v in x.items()}
-    if isinstance(x, tuple | list):
-        return type(x)(f(v) for v in x)
-    return f(x)
 
 
 def engine(optimizer, backend):
@@ -154,7 +148,7 @@ class _TorchOptim:
 
     def step(self, entries, grads, lr):
         if self.opt is None or len(entries) != len(self.tensors) or any(
-                p._value is not t for (_, p), t in zip(entries, self.tensors)):
+                p.value is not t for (_, p), t in zip(entries, self.tensors)):  # stepped: drawn already
             self._bind(entries)
         if grads is not None:
             for (k, _), t in zip(entries, self.tensors):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .. import context
+from ..backends import get_backend
 from ..distributed import DistributedError, Plan, check_same_model
 from .torch_module import as_torch_module
 
@@ -72,7 +73,7 @@ class TorchPlan(Plan):
         return hit[1]
 
     def _make_step(self, model, loss_fn, optimizer, compile, outputs):
-        eng = optimizer.engine(model._backend)
+        eng = optimizer.engine(get_backend(model.backend))
         made: dict = {}
 
         def make():
