@@ -167,3 +167,94 @@ def test_bidirectional_state_of_the_wrong_size_is_explained(backend):
     layer = lm.GRU(5, 4, bidirectional=True)
     with pytest.raises(lm.ShapeError, match=r"2 \* num_layers, N, hidden_size\) = \(2, 3, 4\)"):
         layer(rand(3, 7, 5), rand(1, 3, 4))
+
+
+# ----- torch's keyword names, where the concepts coincide (adversarial review, item 2) ---------------------
+def test_torch_keywords_mean_what_they_mean_in_torch(backend):
+    torch = pytest.importorskip("torch")
+    torch_nn = torch.nn
+    x = rand(2, 3)
+    lin = lm.Linear(in_features=3, out_features=4)
+    ref = torch_nn.Linear(in_features=3, out_features=4)
+    assert lin.in_features == ref.in_features and lin.out_features == ref.out_features
+    assert lm.Linear(3, out_features=4).in_features == 3 and lm.Linear(out_features=4)(x).shape == (2, 4)
+    assert lm.Linear(3, 4, bias=False).extra_repr().endswith("bias=False")
+    emb = lm.Embedding(num_embeddings=10, embedding_dim=5)
+    assert emb.get_parameter("weight").shape == tuple(torch_nn.Embedding(num_embeddings=10, embedding_dim=5)
+                                                      .weight.shape)
+    ln = lm.LayerNorm(normalized_shape=3)
+    assert ln(x).shape == (2, 3) and ln.get_parameter("weight").shape == (3,)
+    assert lm.LayerNorm(normalized_shape=(3,)).get_parameter("weight").shape == (3,)
+    assert lm.Dropout(p=0.25).rate == torch_nn.Dropout(p=0.25).p
+    img = rand(1, 2, 5, 5)
+    for conv in (lm.Conv2d(out_channels=4, kernel_size=3), lm.Conv2d(2, out_channels=4, kernel_size=3),
+                 lm.Conv2d(2, 4, kernel_size=3), lm.Conv2d(in_channels=2, out_channels=4, kernel_size=3),
+                 lm.Conv2d(4, kernel_size=3)):
+        assert conv(img).shape == tuple(torch_nn.Conv2d(2, 4, 3)(torch.zeros(1, 2, 5, 5)).shape)
+        assert conv.in_channels == 2 and conv.kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: lm.Linear(3, 4, False), r"options are keyword-only: Linear\(3, 4, bias=False\)"),
+    (lambda: lm.Linear(3, 4, in_features=3), "Linear takes"),
+    (lambda: lm.Embedding(10, 4, embedding_dim=4), "dim or embedding_dim"),
+    (lambda: lm.Dropout(0.1, p=0.2), "rate or p"),
+    (lambda: lm.LayerNorm(3, normalized_shape=3), "features or normalized_shape"),
+    (lambda: lm.Conv2d(2, out_channels=4), "out_channels and kernel_size once each"),
+    (lambda: lm.Conv2d(2, 4, 3, kernel_size=3), "out_channels and kernel_size once each"),
+])
+def test_torch_keywords_given_twice_or_options_given_positionally_are_explained(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+# ----- Sequential editing as torch.nn.Sequential (adversarial review, item 3) -----------------------------
+def _keys(m):
+    return list(m.state_dict())
+
+
+def test_sequential_insert_pop_setitem_delitem_match_torch(backend):
+    torch = pytest.importorskip("torch")
+    tn = torch.nn
+    ours = lm.Sequential(lm.Linear(3, 4), lm.ReLU(), lm.Linear(4, 2))
+    ref = tn.Sequential(tn.Linear(3, 4), tn.ReLU(), tn.Linear(4, 2))
+    x = rand(5, 3)
+
+    ours.insert(1, lm.Linear(4, 4))
+    ref.insert(1, tn.Linear(4, 4))
+    assert _keys(ours) == list(ref.state_dict())  # renumbered as torch: 0, 1 (new), 2 (ReLU), 3
+    assert ours(x).shape == (5, 2) and isinstance(ours[2], lm.ReLU)
+
+    ours[1] = lm.Linear(4, 4, bias=False)
+    ref[1] = tn.Linear(4, 4, bias=False)
+    assert _keys(ours) == list(ref.state_dict())
+
+    popped, ref_popped = ours.pop(1), ref.pop(1)
+    assert isinstance(popped, lm.Linear) and isinstance(ref_popped, tn.Linear)
+    assert _keys(ours) == list(ref.state_dict()) and len(ours) == len(ref) == 3
+
+    del ours[0]
+    del ref[0]
+    assert _keys(ours) == list(ref.state_dict()) == ["1.weight", "1.bias"]
+    assert [name for name, _ in ours.named_children()] == ["0", "1"]
+    np.testing.assert_allclose(to_np(ours(rand(5, 4))), to_np(ours[1](np.maximum(0, rand(5, 4)))), rtol=1e-6)
+
+    ours.insert(-1, lm.Identity())
+    ref.insert(-1, tn.Identity())
+    assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in ref]
+    assert _keys(ours) == list(ref.state_dict())
+    ours.insert(len(ours), lm.Identity())
+    assert isinstance(ours[-1], lm.Identity)
+
+
+def test_sequential_slice_delete_and_bad_indices():
+    seq = lm.Sequential(*[lm.Linear(2, 2) for _ in range(5)])
+    third = seq[3]
+    del seq[1:3]
+    assert len(seq) == 3 and seq[1] is third and [n for n, _ in seq.named_children()] == ["0", "1", "2"]
+    with pytest.raises(IndexError, match="out of range"):
+        seq.insert(9, lm.ReLU())
+    with pytest.raises(IndexError, match="out of range"):
+        del seq[7]
+    with pytest.raises(TypeError, match="lm.Module"):
+        seq[0] = "relu"

@@ -177,3 +177,70 @@ def test_accuracy_with_column_labels_is_right_and_mismatches_are_refused(backend
         lm.losses.accuracy(on(backend, scores[:, :1]), labels[:, None])
     with pytest.raises(ValueError, match="not a class"):
         lm.losses.accuracy(s, np.array([1, 0, 2, 0]))
+
+
+# ----- adversarial review: bad input used to reach the kernels (raw RuntimeError, lax TypeError, silence) --
+def _raised_by_lamina(exc) -> bool:
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "/lamina/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
+
+
+@pytest.mark.parametrize("cls", [lm.LSTM, lm.GRU, lm.RNN])
+def test_recurrent_refuses_integer_input_on_every_backend(backend, cls):
+    with pytest.raises(TypeError, match="expects floating-point input, got dtype int") as e:
+        cls(8)(np.ones((2, 3, 4), np.int64))  # numpy used to compute silently, torch/jax raised raw errors
+    assert _raised_by_lamina(e.value) and cls.__name__ in "".join(getattr(e.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("cls", [lm.LSTM, lm.GRU, lm.RNN])
+def test_recurrent_refuses_an_empty_sequence_on_every_backend(backend, cls):
+    # one rule (as torch): T = 0 is a ValueError; jax used to return zeros, numpy a raw np.stack error
+    with pytest.raises(ValueError, match="sequence is empty") as e:
+        cls(8)(np.ones((2, 0, 4), np.float32))
+    assert _raised_by_lamina(e.value)
+
+
+def test_conv_on_an_image_smaller_than_the_kernel_is_a_value_error(backend):
+    with pytest.raises(ValueError, match=r"input spatial size \(2, 2\) is smaller than the kernel \(3, 3\) even "
+                                         r"with padding") as e:
+        lm.Conv2d(2, 4, 3)(np.ones((1, 2, 2, 2), np.float32))  # jax gave (1, 4, 0, 0) silently
+    assert _raised_by_lamina(e.value)
+    assert lm.Conv2d(2, 4, 3, padding=1)(np.ones((1, 2, 2, 2), np.float32)).shape == (1, 4, 2, 2)
+
+
+def test_batchnorm_training_on_one_value_per_channel_refuses_and_keeps_statistics(backend):
+    bn = lm.BatchNorm1d(3)
+    bn(rand(4, 3))
+    before = [to_np(getattr(bn, n)).copy() for n in ("running_mean", "running_var", "num_batches_tracked")]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        bn(rand(1, 3))  # torch.nn.BatchNorm1d raises the same; jax/numpy used to give zeros and move the stats
+    after = [to_np(getattr(bn, n)) for n in ("running_mean", "running_var", "num_batches_tracked")]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    bn.eval()
+    assert bn(rand(1, 3)).shape == (1, 3)  # eval mode on one example is fine, as in torch
+
+
+def test_embedding_refuses_bool_indices_on_every_backend(backend):
+    with pytest.raises(TypeError, match="indices must be integers, got dtype bool"):
+        lm.Embedding(10, 4)(np.array([True, False]))  # torch used to accept them as 1 and 0
+
+
+def test_mean_of_integers_is_a_type_error_on_every_backend(backend):
+    x = on(backend, np.arange(4))
+    with pytest.raises(TypeError, match="takes floating-point input .*got dtype int"):
+        lm.ops.mean(x)  # torch raised a raw RuntimeError, jax gave float32, numpy float64, tensorflow an int
+    np.testing.assert_allclose(to_np(lm.ops.mean(lm.ops.astype(x, "float32"))), 1.5)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: lm.Linear(4), (3, 5)), (lambda: lm.LayerNorm(), (2, 6)),
+                                         (lambda: lm.Conv1d(4, 3), (2, 3, 9))])
+def test_float_layers_refuse_integer_input_with_one_type_error(backend, make, shape):
+    layer = make()
+    layer(rand(*shape))
+    try:
+        layer(np.ones(shape, np.int32))
+    except Exception as e:  # numpy may compute (it promotes); a refusal must be lamina's TypeError
+        assert isinstance(e, TypeError) and _raised_by_lamina(e), repr(e)

@@ -144,3 +144,44 @@ def test_frozen_parameter_gets_no_gradient(grad_backend):
     assert set(grads) == {"weight"}
     if grad_backend == "torch":
         assert not layer.bias.requires_grad
+
+
+# ----- construction (adversarial review, item 4) -------------------------------------------------------
+def test_parameter_shape_and_value_that_disagree_is_a_shape_error():
+    with pytest.raises(lm.ShapeError, match=r"given shape \(3, 4\) and a value of shape \(2, 2\)") as e:
+        lm.Parameter((3, 4), value=np.ones((2, 2)))
+    assert "NoneType" not in str(e.value)
+    p = lm.Parameter((2, 2), value=np.ones((2, 2), np.float32))
+    assert p.shape == (2, 2) and p.dtype == "float32"
+    assert lm.Parameter((2,), value=np.ones(2), dtype="float32").dtype == "float32"
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (-1, ValueError, "non-negative"),
+    (2.5, TypeError, r"lm.Parameter\(value=2.5\)"),
+    (np.float32(2), TypeError, r"lm.Parameter\(value="),
+    ([1.0, 2.0], TypeError, r"lm.Parameter\(value=\[1.0, 2.0\]\)"),
+    ((2, 1.5), TypeError, "value="),
+    (True, TypeError, "int or a tuple of ints"),
+])
+def test_parameter_refuses_what_is_not_a_shape_with_a_hint(bad, error, match):
+    with pytest.raises(error, match=match):
+        lm.Parameter(bad)
+
+
+def test_parameter_list_of_ints_stays_a_shape_and_values_go_through_value():
+    assert lm.Parameter([2, 3]).shape == (2, 3) and lm.Parameter(3).shape == (3,)
+    p = lm.Parameter(value=[1.0, 2.0])
+    assert p.shape == (2,) and p.dtype == "float32"  # torch.nn.Parameter(torch.tensor([1., 2.])) is float32 too
+    assert lm.Parameter(value=2.5).shape == ()
+
+
+def test_register_buffer_none_is_none_and_not_saved_as_torch(backend):
+    torch = pytest.importorskip("torch")
+    m = lm.Linear(2, 3)
+    m.register_buffer("nn", None)
+    ref = torch.nn.Linear(2, 3)
+    ref.register_buffer("nn", None)
+    assert m.nn is None and ref.nn is None
+    assert sorted(m.state_dict()) == sorted(ref.state_dict()) == ["bias", "weight"]
+    assert [n for n, _ in m.named_buffers()] == [n for n, _ in ref.named_buffers()] == []

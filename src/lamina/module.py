@@ -365,6 +365,9 @@ class Module:
         from .parameter import Buffer
 
         self._check_name(name)
+        if value is None:  # as torch: the attribute is None and nothing is saved
+            setattr(self, name, None)
+            return
         buf = value if isinstance(value, Buffer) else Buffer(value, persistent=persistent)
         if not persistent:
             buf.persistent = False

@@ -850,7 +850,11 @@ class TensorflowBackend(Backend):
 
     @staticmethod
     def linear(x, weight, bias=None):
-        y = tf.matmul(x, weight)  # broadcasts leading axes of x against the (in, out) weight
+        # matmul broadcasts leading axes of x against the (in, out) weight; a single vector (in,) as torch's
+        if x.shape.rank == 1:
+            y = tf.tensordot(x, weight, 1)
+            return y if bias is None else y + bias
+        y = tf.matmul(x, weight)
         return y if bias is None else tf.nn.bias_add(y, bias)
 
     def rfft(self, x):

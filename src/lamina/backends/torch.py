@@ -180,7 +180,7 @@ class TorchBackend(Backend):
         return F.embedding(indices.long() if indices.dtype != torch.int64 else indices, weight)
 
     def is_integral(self, x):
-        return not x.is_floating_point() and not x.is_complex()
+        return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
 
     def value_range(self, x):
         if x.numel() == 0 or torch.compiler.is_compiling():  # no host sync inside a compiled graph

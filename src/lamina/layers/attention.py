@@ -11,6 +11,7 @@ from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
+from .checks import floating_input_error
 
 
 class MultiHeadAttention(Module):
@@ -87,7 +88,7 @@ class MultiHeadAttention(Module):
         if len(shapes) > 1 and (shapes[1][0] != shapes[0][0] or (len(shapes) > 2 and shapes[2][:2] != shapes[1][:2])):
             return ShapeError(self, f"expects key and value (N, Lk, E) with the query's N, got shapes "
                               f"{', '.join(map(str, shapes))}")
-        return super().diagnose(args)
+        return floating_input_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"

@@ -9,6 +9,7 @@ from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Buffer, Parameter
+from .checks import floating_input_error
 
 
 class _BatchNorm(Module):
@@ -53,7 +54,7 @@ class _BatchNorm(Module):
         if len(shape) not in self._ranks or shape[1] != self.num_features:
             return ShapeError(self, f"expects (N, {self.num_features}, ...) with {' or '.join(map(str, self._ranks))}"
                               f" axes, got shape {shape}")
-        return super().diagnose(args)
+        return floating_input_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"{'?' if self.num_features is None else self.num_features}, eps={self.eps}, momentum={self.momentum}"

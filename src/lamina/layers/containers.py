@@ -21,7 +21,9 @@ class Sequential(Module):
     whose names are the registration names: state-dict keys ``conv.weight``, ...). A layer assigned
     later as an attribute (``seq.extra = layer``) or through ``add_module``/``append`` is registered and,
     as in torch, run after the others; re-assigning an existing name keeps its place. Indexing by
-    position gives a layer, a slice a new ``Sequential`` sharing the layers (names kept).
+    position gives a layer, a slice a new ``Sequential`` sharing the layers (names kept). ``seq[i] = layer``
+    replaces a layer in place; ``del seq[i]``, ``pop(i)`` and ``insert(i, layer)`` renumber the layers
+    ``"0"``, ``"1"``, ... afterwards, exactly as ``torch.nn.Sequential`` does.
     Shape contract: whatever the chain gives.
 
     >>> import lamina as lm, numpy as np
@@ -93,6 +95,67 @@ class Sequential(Module):
             return self._layers[i]
         except IndexError:
             raise IndexError(f"Sequential index {i} out of range for {len(self._layers)} layers") from None
+
+    def __setitem__(self, i, layer: Module) -> None:
+        """Replace the layer at position ``i`` (or name ``i``); it keeps that name and place, as in torch."""
+        if not isinstance(layer, Module):
+            raise TypeError(f"Sequential holds layers (lm.Module), got {type(layer).__name__}")
+        name = self._name_at(i)
+        self._register([(k, layer if k == name else v) for k, v in self._order.items()])  # the place is kept
+
+    def __delitem__(self, i) -> None:
+        """Remove the layer(s) at position ``i`` (an int or a slice); as ``torch.nn.Sequential`` does, the
+        remaining layers are then renumbered ``"0"``, ``"1"``, ... (custom names too), so state-dict keys
+        follow the new positions."""
+        names = list(self._order)
+        doomed = names[i] if isinstance(i, slice) else [self._name_at(i)]
+        kept = [layer for name, layer in self._order.items() if name not in doomed]
+        self._renumber(kept)
+
+    def insert(self, index: int, layer: Module) -> Sequential:
+        """Insert ``layer`` before position ``index`` (``-len <= index <= len``), as ``torch.nn.Sequential.insert``:
+        the layers from ``index`` on move one place up and are renumbered (names ``"0"``, ``"1"``, ...)."""
+        if not isinstance(layer, Module):
+            raise TypeError(f"Sequential holds layers (lm.Module), got {type(layer).__name__}")
+        n = len(self._order)
+        if not isinstance(index, int) or isinstance(index, bool) or not -n <= index <= n:
+            raise IndexError(f"Sequential.insert: index {index!r} out of range for {n} layers; use -{n}..{n}")
+        layers = list(self._order.values())
+        layers.insert(index + n if index < 0 else index, layer)
+        self._renumber(layers)
+        return self
+
+    def pop(self, i=-1) -> Module:
+        """Remove and return the layer at position ``i`` (default the last); the rest are renumbered, as torch."""
+        layer = self[i]
+        del self[i]
+        return layer
+
+    def _name_at(self, i) -> str:
+        names = list(self._order)
+        if isinstance(i, str):
+            if i not in self._order:
+                raise KeyError(f"Sequential has no layer named {i!r}; its layers are {names}")
+            return i
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"Sequential indices are ints (or slices for deletion), got {type(i).__name__}")
+        try:
+            return names[i]
+        except IndexError:
+            raise IndexError(f"Sequential index {i} out of range for {len(names)} layers") from None
+
+    def _renumber(self, layers: list) -> None:
+        """Register ``layers`` as the children ``"0"``, ``"1"``, ... (torch's numbering after an insert or a
+        deletion)."""
+        self._register([(str(k), layer) for k, layer in enumerate(layers)])
+
+    def _register(self, items: list) -> None:
+        """Make ``items`` ((name, layer) pairs) the children, in this order: the old registrations are dropped
+        first, so the registration order (state-dict keys) and the run order are both the new one."""
+        for name in list(self._order):
+            delattr(self, name)
+        for name, layer in items:
+            self.add_module(name, layer)
 
     def __len__(self) -> int:
         return len(self._layers)

@@ -9,19 +9,34 @@ from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
+from .checks import floating_input_error
 
 
 class _ConvNd(Module):
     _n = 0
 
-    def __init__(self, *sizes, in_channels: int | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
-                 bias: bool = True, weight_init=None, bias_init=None, **unknown):
+    def __init__(self, *sizes, in_channels: int | None = None, out_channels: int | None = None, kernel_size=None,
+                 stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True, weight_init=None,
+                 bias_init=None, **unknown):
         super().__init__()
         n, name = self._n, type(self).__name__
         if unknown:
             raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; its "
-                            f"options are in_channels, stride, padding, dilation, groups, bias, weight_init, "
-                            f"bias_init")
+                            f"options are in_channels, out_channels, kernel_size, stride, padding, dilation, "
+                            f"groups, bias, weight_init, bias_init")
+        if out_channels is not None or kernel_size is not None:
+            # torch's keywords: positional sizes fill the remaining slots in order, of (in, out, kernel) when three
+            # sizes are given in all, of Lamina's short (out, kernel) when two
+            named = {"out": out_channels, "kernel": kernel_size}
+            total = len(sizes) + sum(v is not None for v in named.values())
+            slots = ("in", "out", "kernel") if total == 3 else ("out", "kernel")
+            free = [k for k in slots if named.get(k) is None]
+            if total not in (2, 3) or free != list(slots[:len(sizes)]):
+                raise TypeError(f"{name} takes out_channels and kernel_size once each (positionally or by keyword), "
+                                f"with an optional in_channels first; got positional {sizes!r}, "
+                                f"out_channels={out_channels!r}, kernel_size={kernel_size!r}")
+            named.update(zip(free, sizes))
+            sizes = tuple(named[k] for k in slots)
         if len(sizes) == 3:  # torch's order: Conv1d(in_channels, out_channels, kernel_size)
             if in_channels is not None:
                 raise TypeError(f"{name}: in_channels given twice (positionally as {sizes[0]!r} and as "
@@ -78,7 +93,7 @@ class _ConvNd(Module):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if len(shape) != self._n + 2 or shape[1] != self.in_channels:
             return self._channels_error(shape)
-        return super().diagnose(args)
+        return floating_input_error(self, args) or super().diagnose(args)
 
     def _channels_error(self, shape):
         return ShapeError(self, f"expected input (N, {self.in_channels}, ...) with {self._n} spatial axes, "
@@ -97,7 +112,8 @@ class Conv1d(_ConvNd):
 
     ``Conv1d(out_channels, kernel_size, *, in_channels=None, stride=1, padding=0, dilation=1, groups=1,
     bias=True)`` or, in torch's order, ``Conv1d(in_channels, out_channels, kernel_size, *, ...)`` (like
-    ``Linear(out)`` / ``Linear(in, out)``); every option after the sizes is keyword-only. ``padding`` is
+    ``Linear(out)`` / ``Linear(in, out)``); every option after the sizes is keyword-only. torch's keywords
+    work too: ``Conv1d(in_channels=3, out_channels=4, kernel_size=3)``, ``Conv1d(3, 4, kernel_size=3)``. ``padding`` is
     an int, "valid" or "same" (stride 1). ``in_channels`` is inferred from the first input when not given.
     L_out = floor((L + pad_low + pad_high - dilation * (k - 1) - 1) /
     stride) + 1. Weight (C_out, C_in // groups, k), default U[-1/sqrt(fan_in), 1/sqrt(fan_in)] with

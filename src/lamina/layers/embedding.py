@@ -21,8 +21,12 @@ class Embedding(Module):
     (1, 3, 4)
     """
 
-    def __init__(self, num_embeddings: int, dim: int, *, init=None):
+    def __init__(self, num_embeddings: int, dim: int | None = None, *, embedding_dim: int | None = None, init=None):
         super().__init__()
+        if (dim is None) == (embedding_dim is None):  # torch's keyword embedding_dim means dim
+            raise TypeError(f"Embedding takes the vector size once, as dim or embedding_dim (torch's name): "
+                            f"Embedding(num_embeddings, dim); got dim={dim!r}, embedding_dim={embedding_dim!r}")
+        dim = embedding_dim if dim is None else dim
         for name, v in (("num_embeddings", num_embeddings), ("dim", dim)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Embedding: {name} must be a positive int, got {v!r}")

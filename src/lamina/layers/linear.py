@@ -11,6 +11,7 @@ from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
+from .checks import floating_input_error
 
 
 class Linear(Module):
@@ -34,10 +35,25 @@ class Linear(Module):
     ((2, 3), (5, 3))
     """
 
-    def __init__(self, in_or_out: int, out_features: int | None = None, *, bias: bool = True,
+    def __init__(self, *sizes, in_features: int | None = None, out_features: int | None = None, bias: bool = True,
                  weight_init=None, bias_init=None):
         super().__init__()
-        in_features, out_features = (None, in_or_out) if out_features is None else (in_or_out, out_features)
+        if len(sizes) == 3 and isinstance(sizes[2], bool):
+            raise TypeError(f"Linear options are keyword-only: Linear({sizes[0]!r}, {sizes[1]!r}, bias={sizes[2]!r})")
+        # torch's keywords mean what they mean there: Linear(in_features=3, out_features=4), Linear(3, out_features=4)
+        if len(sizes) == 2 and in_features is None and out_features is None:
+            in_features, out_features = sizes
+        elif len(sizes) == 1 and out_features is None:
+            out_features = sizes[0]
+        elif len(sizes) == 1 and in_features is None:
+            in_features = sizes[0]
+        elif sizes:
+            raise TypeError(f"Linear takes (out_features) or (in_features, out_features), positionally or by those "
+                            f"keywords, each once; got {len(sizes)} positional argument(s) {sizes!r}, "
+                            f"in_features={in_features!r}, out_features={out_features!r}. Every other option is "
+                            "keyword-only: Linear(3, 4, bias=False)")
+        if out_features is None:
+            raise TypeError("Linear needs out_features: Linear(out_features) or Linear(in_features, out_features)")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"Linear: {name} must be a positive int, got {v!r}")
@@ -66,7 +82,7 @@ class Linear(Module):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if self.in_features is not None and (not shape or shape[-1] != self.in_features):
             return self._shape_error(shape)
-        return super().diagnose(args)
+        return floating_input_error(self, args) or super().diagnose(args)
 
     def _shape_error(self, shape):
         i, o = self.in_features, self.out_features

@@ -7,6 +7,7 @@ from .. import ops
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
+from .checks import floating_input_error
 
 
 class LayerNorm(Module):
@@ -20,8 +21,9 @@ class LayerNorm(Module):
     array([[-1.,  1.]], dtype=float32)
     """
 
-    def __init__(self, features: int | None = None, *, eps: float = 1e-5, affine: bool = True):
+    def __init__(self, features: int | None = None, *, normalized_shape=None, eps: float = 1e-5, affine: bool = True):
         super().__init__()
+        features = _features(features, normalized_shape, "LayerNorm")
         self.eps = eps
         self.weight = Parameter((features,), init=_init.ones()) if affine else None
         self.bias = Parameter((features,), init=_init.zeros()) if affine else None
@@ -33,7 +35,7 @@ class LayerNorm(Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
     def diagnose(self, args):
-        return _last_axis_error(self, args) or super().diagnose(args)
+        return _last_axis_error(self, args) or floating_input_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"eps={self.eps}"
@@ -43,8 +45,9 @@ class RMSNorm(Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last axis. Shape contract: (..., d) -> (..., d).
     Parameter ``weight`` (d,) ones (``affine=False``: none)."""
 
-    def __init__(self, features: int | None = None, *, eps: float = 1e-6, affine: bool = True):
+    def __init__(self, features: int | None = None, *, normalized_shape=None, eps: float = 1e-6, affine: bool = True):
         super().__init__()
+        features = _features(features, normalized_shape, "RMSNorm")
         self.eps = eps
         self.weight = Parameter((features,), init=_init.ones()) if affine else None
 
@@ -55,10 +58,25 @@ class RMSNorm(Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
     def diagnose(self, args):
-        return _last_axis_error(self, args) or super().diagnose(args)
+        return _last_axis_error(self, args) or floating_input_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"eps={self.eps}"
+
+
+def _features(features, normalized_shape, name: str):
+    """``features``, or torch's ``normalized_shape`` (an int or a 1-tuple: Lamina normalizes the last axis)."""
+    if normalized_shape is None:
+        return features
+    if features is not None:
+        raise TypeError(f"{name} takes the size once, as features or normalized_shape (torch's name); got "
+                        f"features={features!r}, normalized_shape={normalized_shape!r}")
+    if isinstance(normalized_shape, tuple | list):
+        if len(normalized_shape) != 1:
+            raise ValueError(f"{name} normalizes the last axis only: normalized_shape must be an int or a 1-tuple, "
+                             f"got {normalized_shape!r}; flatten the axes first, or write {name}({{last axis}})")
+        normalized_shape = normalized_shape[0]
+    return normalized_shape
 
 
 def _build_last_axis(layer, input_shape):

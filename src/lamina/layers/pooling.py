@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import ops
 from ..errors import ShapeError
 from ..module import Module
+from .checks import floating_input_error
 
 
 class _PoolNd(Module):
@@ -27,7 +28,7 @@ class _PoolNd(Module):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if len(shape) != self._n + 2:
             return ShapeError(self, f"expects inputs with {self._n} spatial axes after (N, C), got shape {shape}")
-        return super().diagnose(args)
+        return floating_input_error(self, args) or super().diagnose(args)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}" + (f", padding={self.padding}"

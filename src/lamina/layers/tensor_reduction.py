@@ -6,6 +6,7 @@ from .. import init as _init
 from ..errors import ShapeError
 from ..module import Module
 from ..parameter import Parameter
+from .checks import floating_input_error
 
 # N(0, (1/in)^2), with ``in`` read from the shape when the values are drawn
 _DEFAULT_INIT = _init.Initializer(lambda shape, rng: rng.normal(0.0, 1.0 / shape[0], shape), "normal(0, 1/in)")
@@ -56,7 +57,7 @@ class TensorReduction(Module):
         shape = tuple(getattr(args[0], "shape", ())) if args else ()
         if not shape or shape[-1] != self.in_features:
             return self._shape_error(shape)
-        return super().diagnose(args)
+        return floating_input_error(self, args) or super().diagnose(args)
 
     def _shape_error(self, shape):
         return ShapeError(self, f"expected input with last axis {self.in_features}, got shape {tuple(shape)}")

@@ -152,7 +152,15 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1)
         raise ValueError(f"conv: weight {tuple(weight.shape)} with groups={groups} needs input (N, "
                          f"{weight.shape[1] * groups}, ...) with {n} spatial axes, got shape {tuple(x.shape)}")
     stride, dilation = int_tuple(stride, n, "stride"), int_tuple(dilation, n, "dilation")
-    pads = resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)
+    kernel = tuple(weight.shape[2:])
+    pads = resolve_padding(padding, kernel, stride, dilation)
+    spatial = tuple(x.shape[2:])
+    for size, k, d, (lo, hi) in zip(spatial, kernel, dilation, pads):
+        if size is not None and size + lo + hi < d * (k - 1) + 1:  # torch raises, jax gives an empty output
+            reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+            raise ValueError(f"conv: input spatial size {spatial} is smaller than the kernel {kernel}"
+                             f"{f' (reach {reach} with dilation {dilation})' if reach != kernel else ''} even with "
+                             f"padding {pads}; feed larger inputs, pad them (padding=...), or use a smaller kernel")
     return _backend(x).conv(x, weight, bias, stride, pads, dilation, groups)
 
 
@@ -177,6 +185,9 @@ def pool(x, kind: str, window, stride=None, padding=0):
     if not dtype.startswith(("float", "bfloat")):
         raise TypeError(f"pool: takes floating-point input, got {dtype}; cast it first, e.g. "
                         "lm.ops.astype(x, 'float32')")
+    if x.shape[1] == 0:  # torch refuses zero channels with its own error; an empty batch is fine
+        raise ValueError(f"pool: the input has no channels (shape {tuple(x.shape)}); expects (N, C, *spatial) "
+                         "with C >= 1")
     pads = resolve_padding(padding, window, stride, (1,) * n)
     small = [i for i, (size, w, (lo, hi)) in enumerate(zip(x.shape[2:], window, pads)) if size + lo + hi < w]
     if small:
@@ -261,6 +272,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
     if training and 0 in tuple(x.shape):
         raise ValueError(f"batch_norm: an empty batch (shape {tuple(x.shape)}) has no statistics to normalize "
                          "with or to update the running ones; skip empty batches, or use eval mode")
+    if training and x.shape[0] == 1 and all(s == 1 for s in tuple(x.shape)[2:]):  # torch's rule and words
+        raise ValueError(f"batch_norm: Expected more than 1 value per channel when training, got input shape "
+                         f"{tuple(x.shape)} (one value per channel: its variance is undefined). Use batches of "
+                         "at least 2, or eval mode (model.eval()) for a single example")
     return b.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -351,9 +366,16 @@ def recurrent(x, weights, state=None, kind: str = "lstm", bidirectional: bool = 
         raise ValueError(f"recurrent: bidirectional weights come in (forward, reverse) pairs per layer, got "
                          f"{len(weights)} entries")
     hidden, num_layers = w_hh.shape[1], len(weights) // dirs
+    dtype = b.dtype_name(x)
+    if not dtype.startswith(("float", "bfloat")):
+        raise TypeError(f"recurrent ({kind}): expects floating-point input, got dtype {dtype}; cast it first, "
+                        "e.g. lm.ops.astype(x, 'float32') (token ids go through an lm.Embedding first)")
     if x.ndim != 3 or x.shape[2] != w_ih.shape[1]:
         raise ValueError(f"recurrent ({kind}): weights for {w_ih.shape[1]} input features need input (N, T, "
                          f"{w_ih.shape[1]}), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:  # torch refuses, jax would return an empty sequence and zero states: one rule for all
+        raise ValueError(f"recurrent ({kind}): the sequence is empty (input shape {tuple(x.shape)}, length 0 on "
+                         "the time axis); feed sequences of at least one step, or skip empty ones")
     expected = (num_layers * dirs, x.shape[0], hidden)
     xp = b.xp
     lstm = kind == "lstm"

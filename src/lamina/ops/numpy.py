@@ -1071,8 +1071,17 @@ def prod(x, axis=None, keepdims: bool = False, *, dtype=None):
 
 
 def mean(x, axis=None, keepdims: bool = False):
-    """The arithmetic mean over ``axis`` (an int, a tuple, or None: all elements)."""
+    """The arithmetic mean over ``axis`` (an int, a tuple, or None: all elements).
+
+    As the Array API standard specifies, ``x`` must be floating-point (or complex): an integer or boolean
+    array is a ``TypeError`` naming its dtype on every backend (torch refused, jax gave float32, numpy
+    float64, tensorflow an integer mean). Cast first: ``lm.ops.mean(lm.ops.astype(x, "float32"))``.
+    """
     xp = _xp(x)
+    dtype = _bk(x).dtype_name(x)
+    if not dtype.startswith(("float", "bfloat", "complex")):
+        raise TypeError(f"lm.ops.mean: takes floating-point input (as the Array API standard's mean), got dtype "
+                        f"{dtype}; cast it first, e.g. lm.ops.mean(lm.ops.astype(x, 'float32'))")
     return _array(xp.mean(x, axis=axis, keepdims=keepdims), xp)
 
 
