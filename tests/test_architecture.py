@@ -140,10 +140,6 @@ ALLOWED_LOOKUPS = {
     # the deprecated Module.predict shim (kept for one release) calls lm.predict, which stands above
     # module.py; remove this line with the shim
     ("lamina.module", "lamina.train"),
-    # TEMPORARY, not allowed by the house: lm.ops' creation functions find the calling Module this way (an
-    # arrow up: ops stands below module.py). ops/ belongs to another change in flight; delete this line
-    # when ops/numpy.py stops looking module.py up
-    ("lamina.ops.numpy", "lamina.module"),
 }
 
 

@@ -129,28 +129,22 @@ def _device(x):
 
 
 # ----- where new arrays go ----------------------------------------------------------------------------------
-_module_class = None
-
-
 def _calling_module():
     """The lamina Module whose method called the creation function, looked at over a few frames, or None.
 
-    Only ``self`` of a frame whose first argument is named ``self`` is looked at, so the walk is cheap."""
-    global _module_class
-    if _module_class is None:
-        # looked up, not imported: lm.ops stands below module.py (no import edge)
-        _module_class = getattr(sys.modules.get("lamina.module"), "Module", None)
-        if _module_class is None:
-            return None
+    Only ``self`` of a frame whose first argument is named ``self`` is looked at, so the walk is cheap. A
+    module is recognised by the bookkeeping ``Module.__init__`` gives every instance (``_params`` and
+    ``_backend`` in its ``__dict__``), not by its class: ``lm.ops`` stands below ``module.py`` and must not
+    reach up to it. Beyond 8 frames (or inside a transformation such as ``jax.vmap``) pass ``like=``."""
     f = sys._getframe(3)  # _calling_module <- _place <- the creation function <- its caller
-    for _ in range(4):
+    for _ in range(8):
         if f is None:
             return None
         code = f.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
-            s = f.f_locals.get("self")
-            if isinstance(s, _module_class):
-                return s
+            d = getattr(f.f_locals.get("self"), "__dict__", None)
+            if d is not None and "_params" in d and "_backend" in d:
+                return f.f_locals["self"]
         f = f.f_back
     return None
 
