@@ -26,6 +26,9 @@ class Backend:
     #: human name of the array type, used in error messages ("torch.Tensor")
     array_name = "?"
     has_autodiff = False
+    #: True where the native embedding kernel refuses out-of-range (and negative) indices by itself, so that
+    #: lm.ops need not read the indices back to check them (a device sync per call)
+    kernels_check_indices = False
 
     def __init__(self):
         self.native_types: set[type] = set(PASSTHROUGH_TYPES)
@@ -203,6 +206,10 @@ class Backend:
         return self.xp.take(weight, self.xp.reshape(indices, (-1,)), axis=0).reshape(*indices.shape, weight.shape[-1])
 
     # ----- losses and metrics (means over the batch) ----------------------------------------------------
+    def is_floating(self, x) -> bool:
+        """True for a real floating-point array (float16, bfloat16, float32, float64)."""
+        return self.dtype_name(x).startswith(("float", "bfloat"))
+
     def is_integral(self, x) -> bool:
         return self.xp.isdtype(x.dtype, "integral")
 

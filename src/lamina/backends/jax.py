@@ -138,9 +138,14 @@ class JaxBackend(Backend):
             "NCDHW", "OIDHW", "NCDHW")
         y = jax.lax.conv_general_dilated(x, w, stride, list(padding), rhs_dilation=dilation,
                                          dimension_numbers=spec, feature_group_count=groups)
+        if 0 in y.shape[2:]:  # XLA gives an empty output where torch raises: raise too (ops.conv explains it)
+            raise ValueError(f"conv: the output of input {x.shape} and kernel {w.shape} is empty")
         return y if b is None else y + b.reshape(1, -1, *([1] * nd))
 
     def pool(self, x, kind, window, stride, padding):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or any(
+                s + lo + hi < w for s, w, (lo, hi) in zip(x.shape[2:], window, padding)):
+            raise ValueError("pool: floating-point input at least as large as the window")  # ops.pool explains
         dims, strides, pads = (1, 1, *window), (1, 1, *stride), ((0, 0), (0, 0), *padding)
         if kind == "max":
             return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pads)

@@ -105,6 +105,8 @@ class NumpyBackend(Backend):
         return y.astype(np.result_type(x, w), copy=False)
 
     def pool(self, x, kind, window, stride, padding):
+        if x.dtype.kind != "f" or any(s + lo + hi < w for s, w, (lo, hi) in zip(x.shape[2:], window, padding)):
+            raise ValueError("pool: floating-point input at least as large as the window")  # ops.pool explains
         nd = len(window)
         fill = -np.inf if kind == "max" else 0
         x = np.pad(x, [(0, 0), (0, 0), *padding], constant_values=fill)

@@ -878,11 +878,15 @@ class TensorflowBackend(Backend):
             y = tf.concat([tf.nn.convolution(a, k, step, "VALID", dilations=dilation) for a, k in zip(xs, ws)], -1)
         if step != stride:
             y = y[(slice(None), *(slice(None, None, s) for s in stride))]
+        if 0 in tuple(y.shape)[1:-1]:  # TensorFlow gives an empty output where torch raises (ops.conv explains it)
+            raise ValueError(f"conv: the output of input {tuple(x.shape)} and kernel {tuple(w.shape)} is empty")
         if b is not None:
             y = tf.nn.bias_add(y, b)
         return tf.transpose(y, (0, nd + 1, *range(1, nd + 1)))
 
     def pool(self, x, kind, window, stride, padding):
+        if not x.dtype.is_floating or any(s + lo + hi < w for s, w, (lo, hi) in zip(x.shape[2:], window, padding)):
+            raise ValueError("pool: floating-point input at least as large as the window")  # ops.pool explains
         nd = len(window)
         x = tf.transpose(x, (0, *range(2, 2 + nd), 1))
         if any(lo or hi for lo, hi in padding):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ class TorchBackend(Backend):
     name = "torch"
     array_name = "torch.Tensor"
     has_autodiff = True
+
+    kernels_check_indices = True  # F.embedding raises IndexError for negative and too large indices
 
     def __init__(self):
         super().__init__()
@@ -160,15 +164,12 @@ class TorchBackend(Backend):
         return fn(x, w, b, stride, [lo for lo, _ in padding], dilation, groups)
 
     def pool(self, x, kind, window, stride, padding):
-        nd = len(window)
-        if any(lo != hi for lo, hi in padding) or any(lo > k // 2 for (lo, _), k in zip(padding, window)):
-            x = F.pad(x, [v for lo, hi in reversed(padding) for v in (lo, hi)],
-                      value=float("-inf") if kind == "max" else 0.0)
-            padding = [(0, 0)] * nd
-        pad = [lo for lo, _ in padding]
+        fn, pre_pad, pad = _pool_plan(kind, window, padding)
+        if pre_pad is not None:
+            x = F.pad(x, pre_pad, value=float("-inf") if kind == "max" else 0.0)
         if kind == "max":
-            return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1](x, window, stride, pad)
-        return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1](x, window, stride, pad, count_include_pad=True)
+            return fn(x, window, stride, pad)
+        return fn(x, window, stride, pad, count_include_pad=True)
 
     def layer_norm(self, x, weight, bias, eps):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
@@ -178,6 +179,9 @@ class TorchBackend(Backend):
 
     def embedding(self, weight, indices):
         return F.embedding(indices.long() if indices.dtype != torch.int64 else indices, weight)
+
+    def is_floating(self, x):
+        return x.is_floating_point()
 
     def is_integral(self, x):
         return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
@@ -232,3 +236,15 @@ class TorchBackend(Backend):
         # the native kernel updates the statistics it is given in place: give it copies, stay pure
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
         return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps), mean, var
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_plan(kind, window, padding):
+    """The kernel and its padding for one pooling configuration, worked out once (the call path stays short).
+    torch pads symmetrically and at most half the window: anything else is padded beforehand."""
+    nd = len(window)
+    fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1] if kind == "max" else (
+        F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    if any(lo != hi for lo, hi in padding) or any(lo > k // 2 for (lo, _), k in zip(padding, window)):
+        return fn, [v for lo, hi in reversed(padding) for v in (lo, hi)], [0] * nd
+    return fn, None, [lo for lo, _ in padding]

@@ -151,17 +151,32 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1)
     if x.ndim != weight.ndim or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"conv: weight {tuple(weight.shape)} with groups={groups} needs input (N, "
                          f"{weight.shape[1] * groups}, ...) with {n} spatial axes, got shape {tuple(x.shape)}")
-    stride, dilation = int_tuple(stride, n, "stride"), int_tuple(dilation, n, "dilation")
-    kernel = tuple(weight.shape[2:])
-    pads = resolve_padding(padding, kernel, stride, dilation)
-    spatial = tuple(x.shape[2:])
+    # a layer passes its arguments resolved once at construction: skip the normalising for those (the call
+    # path of Conv2d must cost no more than torch.nn.Conv2d's, DESIGN.md rule 4)
+    if type(stride) is not tuple or len(stride) != n:
+        stride = int_tuple(stride, n, "stride")
+    if type(dilation) is not tuple or len(dilation) != n:
+        dilation = int_tuple(dilation, n, "dilation")
+    if type(padding) is tuple and len(padding) == n and type(padding[0]) is tuple:  # ((low, high), ...) already
+        pads = padding
+    else:
+        pads = resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)
+    try:
+        y = _backend(x).conv(x, weight, bias, stride, pads, dilation, groups)
+    except Exception:
+        _check_conv_fits(x, weight, stride, pads, dilation)  # a clear error where the kernel's is raw
+        raise
+    return y
+
+
+def _check_conv_fits(x, weight, stride, pads, dilation) -> None:
+    kernel, spatial = tuple(weight.shape[2:]), tuple(x.shape[2:])
     for size, k, d, (lo, hi) in zip(spatial, kernel, dilation, pads):
-        if size is not None and size + lo + hi < d * (k - 1) + 1:  # torch raises, jax gives an empty output
+        if size is not None and size + lo + hi < d * (k - 1) + 1:
             reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
             raise ValueError(f"conv: input spatial size {spatial} is smaller than the kernel {kernel}"
                              f"{f' (reach {reach} with dilation {dilation})' if reach != kernel else ''} even with "
                              f"padding {pads}; feed larger inputs, pad them (padding=...), or use a smaller kernel")
-    return _backend(x).conv(x, weight, bias, stride, pads, dilation, groups)
 
 
 def pool(x, kind: str, window, stride=None, padding=0):
@@ -175,25 +190,40 @@ def pool(x, kind: str, window, stride=None, padding=0):
     """
     if kind not in ("max", "avg"):
         raise ValueError(f"pool: kind must be 'max' or 'avg', got {kind!r}")
-    n = x.ndim - 2
+    shape = tuple(x.shape)
+    n = len(shape) - 2
     if n < 1:
-        raise ValueError(f"pool: expects inputs (N, C, *spatial), got shape {tuple(x.shape)}")
-    window = int_tuple(window, n, "window")
-    stride = window if stride is None else int_tuple(stride, n, "stride")
+        raise ValueError(f"pool: expects inputs (N, C, *spatial), got shape {shape}")
+    # a layer passes its arguments resolved once at construction: skip the normalising for those (the call
+    # path of MaxPool2d must stay cheap, DESIGN.md rule 4)
+    if type(window) is not tuple or len(window) != n:
+        window = int_tuple(window, n, "window")
+    if stride is None:
+        stride = window
+    elif type(stride) is not tuple or len(stride) != n:
+        stride = int_tuple(stride, n, "stride")
+    if type(padding) is tuple and len(padding) == n and type(padding[0]) is tuple:
+        pads = padding
+    else:
+        pads = resolve_padding(padding, window, stride, (1,) * n)
     b = _backend(x)
-    dtype = b.dtype_name(x)
-    if not dtype.startswith(("float", "bfloat")):
-        raise TypeError(f"pool: takes floating-point input, got {dtype}; cast it first, e.g. "
+    try:
+        return b.pool(x, kind, window, stride, pads)
+    except Exception:  # the kernels refuse bad input with their own errors (an empty output too): explain it
+        _check_pool_input(b, x, shape, window, pads)
+        raise
+
+
+def _check_pool_input(b, x, shape, window, pads) -> None:
+    if not b.is_floating(x):
+        raise TypeError(f"pool: takes floating-point input, got {b.dtype_name(x)}; cast it first, e.g. "
                         "lm.ops.astype(x, 'float32')")
-    if x.shape[1] == 0:  # torch refuses zero channels with its own error; an empty batch is fine
-        raise ValueError(f"pool: the input has no channels (shape {tuple(x.shape)}); expects (N, C, *spatial) "
-                         "with C >= 1")
-    pads = resolve_padding(padding, window, stride, (1,) * n)
-    small = [i for i, (size, w, (lo, hi)) in enumerate(zip(x.shape[2:], window, pads)) if size + lo + hi < w]
-    if small:
-        raise ValueError(f"pool: spatial axis {small[0] + 2} of the input (shape {tuple(x.shape)}) is smaller than "
-                         f"the window {window} even with padding {pads}")
-    return b.pool(x, kind, window, stride, pads)
+    if shape[1] == 0:
+        raise ValueError(f"pool: the input has no channels (shape {shape}); expects (N, C, *spatial) with C >= 1")
+    for i, (size, w, (lo, hi)) in enumerate(zip(shape[2:], window, pads)):
+        if size + lo + hi < w:
+            raise ValueError(f"pool: spatial axis {i + 2} of the input (shape {shape}) is smaller than the window "
+                             f"{window} even with padding {pads}")
 
 
 def max_pool(x, window, stride=None, padding=0):
@@ -236,16 +266,27 @@ def embedding(weight, indices):
            [1., 0., 0.]], dtype=float32)
     """
     b = _backend(weight)
-    indices = asarray(indices, like=weight)
+    if type(indices) not in b.native_types:
+        indices = asarray(indices, like=weight)
     if not b.is_integral(indices):
         raise TypeError(f"embedding: indices must be integers, got dtype {b.dtype_name(indices)}; "
                         "round or cast them to an integer dtype first")
+    if b.kernels_check_indices:  # torch's kernel refuses bad indices itself: explain only after it did
+        try:
+            return b.embedding(weight, indices)
+        except (IndexError, RuntimeError) as e:
+            _check_indices(b, weight, indices)
+            raise e
+    _check_indices(b, weight, indices)
+    return b.embedding(weight, indices)
+
+
+def _check_indices(b, weight, indices) -> None:
     bounds = b.value_range(indices)
     if bounds is not None and (bounds[0] < 0 or bounds[1] >= weight.shape[0]):
         bad = bounds[0] if bounds[0] < 0 else bounds[1]
         raise ValueError(f"embedding: index {bad} is out of range for a table of {weight.shape[0]} rows; "
                          f"indices must be in [0, {weight.shape[0] - 1}]")
-    return b.embedding(weight, indices)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
