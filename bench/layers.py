@@ -133,7 +133,8 @@ def bench_jax(name, rounds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backends", nargs="*", default=[b for b in lm.available_backends() if b != "numpy"])
+    ap.add_argument("--backends", nargs="*", choices=["torch", "jax"],
+                    default=[b for b in lm.available_backends() if b in ("torch", "jax")])
     ap.add_argument("--only", nargs="*", default=list(CASES))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="torch's device, e.g. cuda:0 (jax uses its default device)")
