@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 
 import torch
@@ -56,3 +57,15 @@ def initialize(backend: str | None = None, timeout: float = 300.0) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    atexit.register(_shut_down)
+
+
+def _shut_down() -> None:
+    """Leave the process group this process joined through Lamina before the interpreter exits: a group left
+    to its destructor can abort the process ("terminate called without an active exception"), seen after a
+    training run that stopped with an error."""
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # a group another rank already broke: nothing left to close cleanly
+        pass
