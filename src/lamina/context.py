@@ -90,20 +90,20 @@ def bump_structure() -> None:
     _structure[0] = next(_versions)
 
 
-_value_owners: dict[int, weakref.ref] = {}
+# id(array) -> the Parameter holding it; an entry goes away with its parameter (weak values)
+_value_owners: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def note_value(old, new, param) -> None:
     """Record that ``param`` now holds the array ``new`` (instead of ``old``)."""
     if old is not None:
         _value_owners.pop(id(old), None)
-    _value_owners[id(new)] = weakref.ref(param)
+    _value_owners[id(new)] = param
 
 
 def parameter_of(array):
-    """The Parameter whose current value is ``array``, or None."""
-    ref = _value_owners.get(id(array))
-    p = None if ref is None else ref()
+    """The Parameter whose current value is ``array``, or None (an id reused by another array is no match)."""
+    p = _value_owners.get(id(array))
     return p if p is not None and p._value is array else None
 
 
