@@ -36,7 +36,7 @@ the user may still hold.
 
 from __future__ import annotations
 
-__all__ = ["state_keys", "call", "map_inputs", "carry_out", "carry_in"]
+__all__ = ["state_keys", "pack_state", "call", "map_inputs", "carry_out", "carry_in"]
 
 
 def call(model, x):
@@ -57,6 +57,17 @@ def map_inputs(f, x):
     if isinstance(x, tuple | list):
         return type(x)(f(v) for v in x)
     return f(x)
+
+
+def pack_state(states: dict, slots, step) -> dict:
+    """An engine's ``state_dict``: ``{"<path>/<slot>": array, "<path>/step": step}`` in ``state_keys`` order,
+    from ``{path: {slot: array}}`` (each room hands in copies of its own arrays and its own step scalar)."""
+    out = {}
+    for k, st in states.items():
+        for s in slots:
+            out[f"{k}/{s}"] = st[s]
+        out[f"{k}/step"] = step
+    return out
 
 
 def state_keys(names, slots) -> list:

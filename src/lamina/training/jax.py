@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import context, random
 from ..backends import get_backend
-from .base import call, carry_in, carry_out, state_keys
+from .base import call, carry_in, carry_out, pack_state
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -367,12 +367,9 @@ class _Engine:
 
     def state_dict(self, entries):
         self.ensure(entries)
-        out = {}
-        for k in self.names:
-            for slot, a in self.state[k].items():
-                out[f"{k}/{slot}"] = jnp.array(a, copy=True)  # a copy: the step may donate the original
-            out[f"{k}/step"] = jnp.float32(self.count)
-        return {key: out[key] for key in state_keys(self.names, self.optimizer.slots)}
+        slots = self.optimizer.slots  # copies: the step may donate the originals
+        return pack_state({k: {s: jnp.array(self.state[k][s], copy=True) for s in slots} for k in self.names},
+                          slots, jnp.float32(self.count))
 
     def export(self) -> dict:
         """The state as host arrays, without entries (the parameters may have left this backend)."""

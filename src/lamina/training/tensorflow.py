@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from .. import context, random
 from ..backends import get_backend
-from .base import carry_in, carry_out, state_keys
+from .base import carry_in, carry_out, pack_state
 
 __all__ = ["make_step", "engine"]
 
@@ -161,12 +161,9 @@ class _Engine:
         self.count += 1
 
     def state_dict(self, entries):
-        out = {}
-        for k, p in entries:
-            st = self.slots_of(k, p)
-            out.update({f"{k}/{s}": tf.identity(st[s]) for s in self.optimizer.slots})
-            out[f"{k}/step"] = tf.constant(float(self.count), tf.float32)
-        return {key: out[key] for key in state_keys([k for k, _ in entries], self.optimizer.slots)}
+        slots = self.optimizer.slots
+        return pack_state({k: {s: tf.identity(self.slots_of(k, p)[s]) for s in slots} for k, p in entries}, slots,
+                          tf.constant(float(self.count), tf.float32))
 
     def load_state_dict(self, entries, arrays):
         if not arrays:

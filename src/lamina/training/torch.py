@@ -17,7 +17,7 @@ import torch
 
 from .. import context
 from ..backends import get_backend
-from .base import call, map_inputs, state_keys
+from .base import call, map_inputs, pack_state
 
 __all__ = ["make_step", "engine", "make_forward"]
 
@@ -245,12 +245,9 @@ class _Generic:
         return out
 
     def state_dict(self, entries):
-        out = {}
-        for k, p in entries:
-            st = self._state_of(k, p.value)
-            out.update({f"{k}/{s}": st[s].detach().clone() for s in self.optimizer.slots})
-            out[f"{k}/step"] = torch.tensor(float(self.count), dtype=torch.float32)
-        return {key: out[key] for key in state_keys([k for k, _ in entries], self.optimizer.slots)}
+        slots = self.optimizer.slots
+        return pack_state({k: {s: self._state_of(k, p.value)[s].detach().clone() for s in slots} for k, p in entries},
+                          slots, torch.tensor(float(self.count), dtype=torch.float32))
 
     def load_state_dict(self, entries, arrays):
         if not arrays:
