@@ -297,3 +297,31 @@ def test_after_fit_an_attribute_forward_sets_holds_the_last_batch(grad_backend, 
     np.testing.assert_array_equal(to_np(m.seen), x[6:])  # as an eager loop leaves it: the last batch
     lm.fit(m, lm.losses.mse, lm.optim.SGD(m, lr=1e-4), [(x[:2], y[:2]), (x[2:4], y[2:4])])
     np.testing.assert_array_equal(to_np(m.seen), x[2:4])
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 1, 4])
+def test_epoch_loss_is_the_same_whether_or_not_something_reads_each_step(grad_backend, steps_per_call, capsys):
+    """Without metrics or batch callbacks nothing reads a step's loss, so fit runs the steps back to back and
+    reads the losses later: the epoch's loss, the weights and the bar's figure are those of a run that reads
+    every step (a batch callback), which are checked against the per-step losses by hand."""
+    x, y = blobs(200)  # 200 rows, batch 24: 8 full batches and one of 8
+    runs = []
+    for record, progress in ((Record(), False), (None, True)):
+        lm.manual_seed(0)
+        net = small_net()
+        opt = lm.optim.Adam(net, lr=0.01)
+        kw = {} if steps_per_call is None or grad_backend != "jax" else {"steps_per_call": steps_per_call}
+        h = lm.fit(net, lm.losses.cross_entropy, opt, (x, y), epochs=2, batch_size=24, progress=progress,
+                   callbacks=[record] if record else [], **kw)
+        runs.append((record, h["loss"], {k: to_np(v) for k, v in net.state_dict().items()}, opt.steps))
+    (rec, h_each, w_each, s_each), (_, h_back, w_back, s_back) = runs
+    assert s_each == s_back == 18
+    per_step = np.array([v for _, v in rec.seen])
+    rows = np.array(([24] * 8 + [8]) * 2)
+    by_hand = [(per_step[:9] * rows[:9]).sum() / 200, (per_step[9:] * rows[9:]).sum() / 200]
+    np.testing.assert_allclose(h_each, by_hand, rtol=1e-6)
+    np.testing.assert_allclose(h_back, h_each, rtol=1e-6)
+    for key in w_each:
+        np.testing.assert_allclose(w_back[key], w_each[key], rtol=1e-6, atol=1e-7)
+    err = capsys.readouterr().err
+    assert "9/9" in err and f"loss={h_back[-1]:.4f}" in err, err[-300:]

@@ -124,21 +124,24 @@ def _build(model: Module, xb) -> None:
         model.ensure_built(xb)
 
 
-def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sync: bool = False):
+def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sync: bool = False,
+             each: bool = True):
     """Run the train step over ``batches``. Yields ``(loss, outputs, rows per batch, batches done, targets)``.
 
     With ``k > 1`` (a step that offers ``step.many``), every ``k`` consecutive batches of one shape run as
     one call, and ``loss`` is then the vector of their ``k`` losses; the rest run one by one. ``k=None``
     lets the step choose (``step.group``: it measures its first steps). Over arrays, a step that offers
     ``step.epoch`` runs the whole epoch itself (the data on the device once); ``sync``: something reads
-    the model after each batch (a batch callback), so the step publishes its values after each call.
+    the model after each batch (a batch callback), so the step publishes its values after each call;
+    ``each=False``: nothing reads a step's figures or the model between steps, so the epoch may run several
+    calls back to back and yield them as one item whose ``loss`` is the list of their losses.
     """
     epoch = getattr(step, "epoch", None)
     if epoch is not None and isinstance(batches, _Arrays):
         if int(batches.y.shape[0]):
             _build(model, convert(_map(lambda a: a[:batches.batch_size], batches.x)))
         run = epoch(batches.x, batches.y, batches.order, batches.batch_size, k, optimizer.lr_at,
-                    optimizer.steps, sync)
+                    optimizer.steps, sync, each)
         if run is not None:
             for item in run:
                 optimizer.steps += item[3]
@@ -180,11 +183,18 @@ def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sy
 
 
 def _loss_sum(backend, pending: list) -> float:
-    """The sum of ``loss * rows`` over an epoch's ``(loss, rows)`` (a loss: a scalar, or a vector of a group
-    of steps), read back at the end of the epoch. Each is read on its own: stacking them on the device
-    first costs more (jax: ~24 us per scalar for ``jnp.stack``, ~2 us per ``to_numpy``)."""
+    """The sum of ``loss * rows`` over ``(loss, rows)`` pairs (a loss: a scalar, a vector of a group of
+    steps, or a list of those), read back to the host. Each is read on its own: stacking them on the device
+    first costs more (jax: ~4 us per scalar for ``jnp.stack``, ~2 us per ``to_numpy``)."""
     to_numpy = backend.to_numpy
-    return float(sum(float(np.asarray(to_numpy(v), np.float64).sum()) * n for v, n in pending))
+    total = 0.0
+    for vs, n in pending:
+        values = [to_numpy(v) for v in vs] if isinstance(vs, list) else [to_numpy(vs)]
+        try:
+            total += float(np.sum(np.array(values, np.float64))) * n  # scalars alike, or vectors of one length
+        except ValueError:  # scalars and group vectors mixed
+            total += sum(float(np.sum(v, dtype=np.float64)) for v in values) * n
+    return total
 
 
 def _stack(model: Module, arrays: list):
@@ -478,18 +488,22 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                        disable=((not sys.stderr.isatty()) if progress is None else not progress) or not trainer.is_main,
                        leave=True,
                        dynamic_ncols=True)
-            # Per-batch figures are read back from the device only when something shows or uses them (the
-            # bar, a metric, a batch callback); otherwise the losses are joined once at the end of the epoch,
-            # so the host never waits for the device between steps.
-            live = not bar.disable or bool(metrics) or user_batch_end
+            # Each step's figures are read back from the device only when something uses them (a metric, a
+            # batch callback); otherwise the losses are read when the bar shows them (about every 0.1 s) or
+            # once at the end of the epoch, so the host rarely waits for the device between steps.
+            each = bool(metrics) or user_batch_end
             pending, batch = [], 0
             epoch_batches = _epoch(plan, train_data, batch_size, shuffle, rng)
             for loss_value, out, n, done, yb in _execute(model, step, k, epoch_batches, optimizer, convert,
-                                                         sync=user_batch_end):
+                                                         sync=user_batch_end, each=each):
                 seen += n * done
-                bar.update(done)
-                if not live:
+                drew = bar.update(done)
+                if not each:
                     pending.append((loss_value, n))
+                    if drew:  # the bar has just drawn itself (tqdm does about every 0.1 s): its next loss
+                        totals["loss"] += _loss_sum(backend, pending)
+                        pending.clear()
+                        bar.set_postfix({"loss": f"{totals['loss'] / seen:.4f}"}, refresh=False)
                     continue
                 for value in np.asarray(backend.to_numpy(loss_value), np.float64).reshape(-1):
                     logs = {"loss": float(value)}
@@ -505,7 +519,9 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                 if not bar.disable:
                     bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
             if pending:
-                totals["loss"] = _loss_sum(backend, pending)
+                totals["loss"] += _loss_sum(backend, pending)
+                if not bar.disable:
+                    bar.set_postfix({"loss": f"{totals['loss'] / max(seen, 1):.4f}"}, refresh=False)
             bar.close()
             if plan is not None:
                 totals, seen = _reduce_totals(plan, totals, seen)

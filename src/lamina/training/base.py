@@ -10,7 +10,8 @@ A room is a module (``training/torch.py``, ``training/jax.py``) with two functio
     outputs, or ``None`` when ``outputs`` is false. ``compile``: ``None`` for the room's default, ``True``
     or ``False`` to ask for a compiled (``jax.jit``, ``torch.compile``) or eager step. The step may offer
     ``step.many(xs, ys, lrs) -> losses``: ``len(lrs)`` steps on batches stacked along a new leading axis,
-    as one call (``None`` where it does not), ``step.epoch(x, y, order, batch_size, k, lr_at, start, sync)``:
+    as one call (``None`` where it does not), ``step.epoch(x, y, order, batch_size, k, lr_at, start, sync,
+    each)``:
     the steps of a whole epoch over arrays (see ``training/jax.py``; ``None`` from it, or no such
     attribute: ``fit`` cuts the batches itself), and ``step.group(x) -> int``: how many steps ``fit`` should
     group per call for batches like ``x`` (1: no grouping), ``step.convert(a)``: how ``fit`` should hand

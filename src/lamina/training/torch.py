@@ -45,24 +45,35 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         eng.step(entries, None, lr)
         return loss.detach(), (out.detach() if outputs else None)
 
-    def epoch(x, y, order, batch_size, k, lr_at, start, sync):
+    def epoch(x, y, order, batch_size, k, lr_at, start, sync, each=True):
         """One epoch over the arrays ``x`` (an array, or a tuple or dict of arrays) and ``y``: each is made
-        a tensor once (NumPy float32 memory is shared, not copied), and each batch is one ``index_select``
-        (a view, unshuffled) of it. Yields ``(loss, out, rows, 1, targets)`` per step, as ``fit``'s loop."""
+        a tensor once (NumPy float32 memory is shared, not copied). Shuffled rows are gathered with one
+        ``index_select`` per chunk of about ``GATHER_BYTES`` (one gather per batch costs more; one for the
+        whole epoch would copy all the data at once), and each batch is a view of its chunk. Yields
+        ``(loss, out, rows, 1, targets)`` per step, as ``fit``'s loop."""
         data = [map_inputs(tensor, x), map_inputs(tensor, y)]
         n = int(data[1].shape[0])
-        index = None if order is None else torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
-        for j, lo in enumerate(range(0, n, batch_size)):
+        index = None
+        if order is not None:
+            index = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
+            if index.device != data[1].device:
+                index = index.to(data[1].device)
+        row_bytes = sum(a[:1].nbytes for a in _leaves(data)) or 1
+        chunk = batch_size * max(1, GATHER_BYTES // (row_bytes * batch_size))
+        j = 0
+        for c0 in range(0, n, chunk):
             if index is None:
-                xb, yb = map_inputs(lambda a, lo=lo: a[lo:lo + batch_size], data[0]), data[1][lo:lo + batch_size]
+                xs, ys = (map_inputs(lambda a: a[c0:c0 + chunk], d) for d in data)
             else:
-                rows = index[lo:lo + batch_size]
-                if rows.device != data[1].device:
-                    rows = rows.to(data[1].device)
-                xb = map_inputs(lambda a, rows=rows: a.index_select(0, rows), data[0])
-                yb = data[1].index_select(0, rows)
-            loss, out = step(xb, yb, lr_at(start + j))
-            yield loss, out, int(yb.shape[0]), 1, yb
+                rows = index[c0:c0 + chunk]
+                xs, ys = (map_inputs(lambda a: a.index_select(0, rows), d) for d in data)
+            for lo in range(0, int(ys.shape[0]), batch_size):
+                hi = lo + batch_size
+                xb = xs[lo:hi] if isinstance(xs, torch.Tensor) else map_inputs(lambda a: a[lo:hi], xs)
+                yb = ys[lo:hi]
+                loss, out = step(xb, yb, lr_at(start + j))
+                j += 1
+                yield loss, out, int(yb.shape[0]), 1, yb
 
     def tensor(a):
         """An epoch array as a tensor on the model's device: NumPy float32 and integer memory shared."""
@@ -76,6 +87,18 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     step.group = lambda x: 1
     step.epoch = epoch
     return step
+
+
+#: fit's epoch gathers shuffled rows in chunks of about this many bytes (see ``epoch``)
+GATHER_BYTES = 32 << 20
+
+
+def _leaves(tree) -> list:
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in _leaves(v)]
+    if isinstance(tree, tuple | list):
+        return [a for v in tree for a in _leaves(v)]
+    return [tree]
 
 
 def engine(optimizer, backend):
