@@ -325,3 +325,34 @@ def test_epoch_loss_is_the_same_whether_or_not_something_reads_each_step(grad_ba
         np.testing.assert_allclose(w_back[key], w_each[key], rtol=1e-6, atol=1e-7)
     err = capsys.readouterr().err
     assert "9/9" in err and f"loss={h_back[-1]:.4f}" in err, err[-300:]
+
+
+def test_torch_epoch_gathered_in_chunks_trains_on_the_same_batches(monkeypatch):
+    """fit on torch gathers shuffled rows one chunk at a time: chunks of one batch, of three batches and the
+    whole epoch give the same batches, so bit-for-bit the same weights (a dict of two inputs included)."""
+    if "torch" not in GRAD_BACKENDS:
+        pytest.skip("torch not selected")
+    import lamina.training.torch as room
+
+    class Two(lm.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = lm.Linear(2, 3), lm.Linear(2, 3)
+
+        def forward(self, u, v):
+            return self.a(u) + self.b(v)
+
+    x, y = blobs(200)
+    row_bytes = 2 * x[:1].nbytes + y[:1].nbytes  # u, v and the label
+    results = []
+    for gather_bytes in (1, 3 * 24 * row_bytes, 1 << 30):
+        monkeypatch.setattr(room, "GATHER_BYTES", gather_bytes)
+        lm.set_backend("torch")
+        lm.manual_seed(0)
+        net = Two()
+        lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net, lr=0.01), ({"u": x, "v": x[::-1].copy()}, y),
+               epochs=2, batch_size=24, progress=False)
+        results.append({k: to_np(v) for k, v in net.state_dict().items()})
+    for other in results[1:]:
+        for k in results[0]:
+            np.testing.assert_array_equal(other[k], results[0][k], err_msg=k)

@@ -26,6 +26,7 @@ import numpy as np
 from .backends import backend_of, get_backend
 from .module import Module
 from .training import active_group, trainer_for
+from .training.base import input_leaves
 from .training.base import map_inputs as _map
 
 __all__ = ["fit", "evaluate", "predict", "compile", "History", "Callback", "EarlyStopping", "Checkpoint"]
@@ -42,13 +43,9 @@ def _is_arrays(x) -> bool:
     return bool(items) and all(hasattr(a, "shape") for a in items)
 
 
-def _leaves(x) -> list:
-    return list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple | list) else [x]
-
-
 def _rows(x) -> int:
     """The leading (batch) axis of an input, or of the first of several inputs."""
-    return int(_leaves(x)[0].shape[0]) if not hasattr(x, "shape") else int(x.shape[0])
+    return int(input_leaves(x)[0].shape[0]) if not hasattr(x, "shape") else int(x.shape[0])
 
 
 def _array_pair(data):
@@ -57,7 +54,7 @@ def _array_pair(data):
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape") and _is_arrays(data[0]):
         x, y = data
         n = int(y.shape[0])
-        for i, a in enumerate(_leaves(x)):
+        for i, a in enumerate(input_leaves(x)):
             if int(a.shape[0]) != n:
                 where = "inputs" if hasattr(x, "shape") else f"input {list(x)[i] if isinstance(x, dict) else i}"
                 raise ValueError(f"{where} have {a.shape[0]} rows but the targets have {n}; every input array "
@@ -165,7 +162,7 @@ def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sy
         group.append((xb, yb))
         if len(group) < kk:
             continue
-        if len({(tuple(_leaves(x)[0].shape), tuple(y.shape)) for x, y in group}) == 1 and hasattr(xb, "shape"):
+        if len({(tuple(input_leaves(x)[0].shape), tuple(y.shape)) for x, y in group}) == 1 and hasattr(xb, "shape"):
             xs, ys = _stack(model, [x for x, _ in group]), _stack(model, [y for _, y in group])
             losses = many(xs, ys, [lr_at(optimizer.steps + j) for j in range(kk)])
             optimizer.steps += kk

@@ -37,7 +37,7 @@ the user may still hold.
 
 from __future__ import annotations
 
-__all__ = ["state_keys", "pack_state", "call", "map_inputs", "carry_out", "carry_in"]
+__all__ = ["state_keys", "pack_state", "call", "map_inputs", "input_leaves", "carry_out", "carry_in"]
 
 
 def call(model, x):
@@ -58,6 +58,11 @@ def map_inputs(f, x):
     if isinstance(x, tuple | list):
         return type(x)(f(v) for v in x)
     return f(x)
+
+
+def input_leaves(x) -> list:
+    """The arrays of an input: ``x`` itself, or those of a tuple, list or dict of inputs (as ``map_inputs``)."""
+    return list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple | list) else [x]
 
 
 def pack_state(states: dict, slots, step) -> dict:

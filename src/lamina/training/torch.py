@@ -17,7 +17,7 @@ import torch
 
 from .. import context
 from ..backends import get_backend
-from .base import call, map_inputs, pack_state
+from .base import call, input_leaves, map_inputs, pack_state
 
 __all__ = ["make_step", "engine", "make_forward"]
 
@@ -58,18 +58,18 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             index = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
             if index.device != data[1].device:
                 index = index.to(data[1].device)
-        row_bytes = sum(a[:1].nbytes for a in _leaves(data)) or 1
+        row_bytes = sum(a[:1].nbytes for d in data for a in input_leaves(d)) or 1
         chunk = batch_size * max(1, GATHER_BYTES // (row_bytes * batch_size))
         j = 0
         for c0 in range(0, n, chunk):
             if index is None:
-                xs, ys = (map_inputs(lambda a: a[c0:c0 + chunk], d) for d in data)
+                xs, ys = (map_inputs(lambda a, c0=c0: a[c0:c0 + chunk], d) for d in data)
             else:
                 rows = index[c0:c0 + chunk]
-                xs, ys = (map_inputs(lambda a: a.index_select(0, rows), d) for d in data)
+                xs, ys = (map_inputs(lambda a, rows=rows: a.index_select(0, rows), d) for d in data)
             for lo in range(0, int(ys.shape[0]), batch_size):
                 hi = lo + batch_size
-                xb = xs[lo:hi] if isinstance(xs, torch.Tensor) else map_inputs(lambda a: a[lo:hi], xs)
+                xb = xs[lo:hi] if isinstance(xs, torch.Tensor) else map_inputs(lambda a, lo=lo, hi=hi: a[lo:hi], xs)
                 yb = ys[lo:hi]
                 loss, out = step(xb, yb, lr_at(start + j))
                 j += 1
@@ -91,14 +91,6 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
 #: fit's epoch gathers shuffled rows in chunks of about this many bytes (see ``epoch``)
 GATHER_BYTES = 32 << 20
-
-
-def _leaves(tree) -> list:
-    if isinstance(tree, dict):
-        return [a for v in tree.values() for a in _leaves(v)]
-    if isinstance(tree, tuple | list):
-        return [a for v in tree for a in _leaves(v)]
-    return [tree]
 
 
 def engine(optimizer, backend):
