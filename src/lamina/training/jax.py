@@ -250,10 +250,22 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 kk = timing["k"] if k is None else k
                 if not each and j < n_full:  # back to back, nothing to check between calls
                     losses, j0, until = [], j, time.perf_counter() + 0.1
-                    while j < n_full and (j == j0 or time.perf_counter() < until):
-                        kk_ = kk if kk > 1 and j + kk <= n_full else 0
-                        losses.append(call(batch_size, kk_)[0])
-                        j += max(kk_, 1)
+                    p, b, st, i = held
+                    attrs = None
+                    try:
+                        while j < n_full and (j == j0 or time.perf_counter() < until):
+                            kk_ = kk if kk > 1 and j + kk <= n_full else 0
+                            p, b, st, i, loss, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
+                                                                         batch_size, batch_size, kk_)
+                            losses.append(loss)
+                            j += kk_ or 1
+                    finally:  # what the device holds now, even when a call failed
+                        held[:] = [p, b, st, i]
+                        eng.count += j - j0
+                        if attrs:
+                            carry_in(attrs, targets)
+                        if uses_keys[0] is None and attrs is not None:
+                            uses_keys[0] = False
                     yield losses, None, batch_size, j - j0, None
                     continue
                 if kk > 1 and j + kk <= n_full:
