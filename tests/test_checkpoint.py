@@ -315,6 +315,21 @@ def test_torch_save_file_is_refused_without_unpickling(tmp_path):
         lm.load(path)
 
 
+def test_a_header_length_whose_first_byte_is_0x80_still_loads(tmp_path):
+    """A safetensors file starts with its header's length (8 bytes, little endian): one in 256 lengths starts
+    with the byte 0x80, a pickle's first byte too. Such a file is a checkpoint, not a pickle."""
+    for extra in range(256):
+        path = tmp_path / f"m{extra}.safetensors"
+        lm.save({"w" + "x" * extra: np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        raise AssertionError("no key length gave a header length starting with 0x80")
+    (key, value), = lm.load(path).items()
+    assert key == "w" + "x" * extra
+    np.testing.assert_array_equal(np.asarray(value), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
 def test_missing_file_and_folder(backend, tmp_path):
     with pytest.raises(lm.CheckpointError, match="no such file"):
         lm.load(tmp_path / "nope.st")

@@ -324,7 +324,8 @@ class _Reader:
         head = self._pread(0, 8)
         if size == 0:
             raise self._bad("the file is empty")
-        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        if (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80") and (  # a header length can start with 0x80
+                size < 8 or int.from_bytes(head, "little") > size - 8):
             raise self._bad("it looks like a pickle or torch.save file; lamina never unpickles (loading a pickle "
                             "can run arbitrary code). Convert it once, in a trusted session, with "
                             "lm.save(torch.load(...), path)")
