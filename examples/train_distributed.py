@@ -1,9 +1,12 @@
-"""Data-parallel training with the same ``lm.fit`` call on torch.distributed or on a jax device mesh.
+"""Data-parallel training with the same ``lm.fit`` call on torch.distributed or on jax (devices or processes).
 
-    torchrun --nproc-per-node 2 examples/train_distributed.py --backend torch           # DDP
-    torchrun --nproc-per-node 2 examples/train_distributed.py --backend torch --shard   # FSDP2, own loop
-    python examples/train_distributed.py --backend jax --devices 4                      # 4 devices, 1 process
-    python examples/train_distributed.py --backend jax --devices 4 --shard              # FSDP-style params
+    torchrun --nproc-per-node 2 examples/train_distributed.py --backend torch             # DDP
+    torchrun --nproc-per-node 2 examples/train_distributed.py --backend torch --shard     # FSDP2
+    torchrun --nproc-per-node 2 examples/train_distributed.py --backend torch --own-loop  # DDP, lm.optim, own loop
+    python examples/train_distributed.py --backend jax --devices 4                        # 4 devices, 1 process
+    python examples/train_distributed.py --backend jax --devices 4 --shard                # FSDP-style params
+    python examples/train_distributed.py --backend jax --processes 2 --process-id 0 &     # 2 jax processes
+    python examples/train_distributed.py --backend jax --processes 2 --process-id 1
 
 On CPU, jax shows one device unless told otherwise: ``--devices N`` sets XLA_FLAGS before jax starts.
 """
@@ -18,9 +21,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["torch", "jax"], default="torch")
     ap.add_argument("--devices", type=int, default=None, help="jax: devices to spread the batch over")
+    ap.add_argument("--processes", type=int, default=None, help="jax: join this many processes")
+    ap.add_argument("--process-id", type=int, default=0, help="jax: this process's index")
+    ap.add_argument("--coordinator", default="127.0.0.1:12355", help="jax: process 0's host:port")
     ap.add_argument("--shard", action="store_true", help="shard parameters (torch: FSDP2, jax: FSDP-style)")
+    ap.add_argument("--own-loop", action="store_true", help="torch: your own loop through lm.as_torch_module")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="per process (one jax process: the global batch)")
     args = ap.parse_args()
     if args.backend == "jax" and args.devices and "cuda" not in os.environ.get("JAX_PLATFORMS", ""):
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
@@ -32,6 +39,11 @@ def main():
 
     if args.backend == "torch":
         ld.initialize(timeout=120)  # joins the group that torchrun describes (gloo on CPU, nccl on GPUs)
+    elif args.processes:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.processes,
+                                   process_id=args.process_id)
     lm.set_backend(args.backend)
     g = np.random.default_rng(0)
     x = g.normal(size=(4096, 32)).astype("float32")
@@ -41,41 +53,42 @@ def main():
     model.build((args.batch_size, 32))
     opt = lm.optim.Adam(model, lr=1e-3)
 
-    if args.backend == "torch" and args.shard:
-        # your own loop: FSDP2 through the adapter, with torch.optim
+    if args.backend == "torch" and args.own_loop:
         import torch
-        from torch.distributed.fsdp import fully_shard
 
-        module = lm.as_torch_module(model)
-        fully_shard(module)
-        topt = torch.optim.Adam(module.parameters(), lr=1e-3)
+        module = lm.as_torch_module(model)  # a torch.nn.Module sharing the model's tensors
+        if args.shard:  # FSDP2: the module trains DTensor shards, so the optimizer must be torch.optim's
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(module)
+            topt = torch.optim.Adam(module.parameters(), lr=1e-3)
+            forward, step, zero = module, topt.step, topt.zero_grad
+        else:  # DDP shares the model's tensors: an lm.optim optimizer steps them
+            forward, step, zero = torch.nn.parallel.DistributedDataParallel(module), opt.step, opt.zero_grad
         rank, world = ld.rank(), ld.world_size()
         for epoch in range(args.epochs):
             order = np.random.default_rng(epoch).permutation(len(x))
             for idx in ld.shard_order(order, args.batch_size, rank, world):
-                topt.zero_grad()
-                loss = ((module(torch.from_numpy(x[idx])) - torch.from_numpy(y[idx])) ** 2).mean()
+                loss = ((forward(torch.from_numpy(x[idx])) - torch.from_numpy(y[idx])) ** 2).mean()
                 loss.backward()
-                topt.step()
+                step()
+                zero()
             if ld.is_main():
-                print(f"epoch {epoch + 1}: last loss {float(loss):.4f}")
-        module.gather_into_model()  # the Lamina model gets the full values back (every rank calls it)
+                print(f"epoch {epoch + 1}: last loss {float(loss.detach()):.4f}")
+        module.gather_into_model()  # after fully_shard: full values back into the model (every rank calls it)
     else:
-        parallel = None
-        if args.backend == "jax":
+        parallel = None  # torch under torchrun: DDP by itself
+        if args.backend == "jax" or args.shard:
             parallel = ld.DataParallel(devices=args.devices or "all", shard_params=args.shard)
+        several_jax = args.backend == "jax" and ld.world_size() > 1  # validation: one process only, for now
         h = lm.fit(model, lm.losses.mse, opt, (x, y), epochs=args.epochs, batch_size=args.batch_size,
-                   validation_data=(x[:512], y[:512]), parallel=parallel, progress=False)
+                   validation_data=None if several_jax else (x[:512], y[:512]), parallel=parallel, progress=False)
         if ld.is_main():
-            for e, (lo, vl) in enumerate(zip(h["loss"], h["val_loss"])):
-                print(f"epoch {e + 1}: loss {lo:.4f}  val_loss {vl:.4f}")
+            for e, lo in enumerate(h["loss"]):
+                print(f"epoch {e + 1}: loss {lo:.4f}" + ("" if several_jax else f"  val_loss {h['val_loss'][e]:.4f}"))
     ld.save_sharded(model, "distributed-ckpt")
     if ld.is_main():
         print("sharded checkpoint in distributed-ckpt/ (loads into any number of processes)")
-    if args.backend == "torch":
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 WORKER = textwrap.dedent(r'''
-    import json, os, sys, time
+    import gc, json, os, sys, time
     import numpy as np
     import torch
     import lamina as lm
@@ -80,12 +80,59 @@ WORKER = textwrap.dedent(r'''
             fopt.step()
         mod.gather_into_model()
         dump("fsdp", m3)
+        # lm.fit with FSDP2 (shard_params=True), SGD with momentum: the momentum buffers are sharded with the
+        # parameters, gathered for the Checkpoint at each epoch's end and sharded again for the next epoch
+        m4 = net()
+        opt4 = lm.optim.SGD(m4, lr=0.05, momentum=0.9)
+        h4 = lm.fit(m4, lm.losses.mse, opt4, (x, y), epochs=2, batch_size=32, validation_data=(x[:100], y[:100]),
+                    callbacks=[lm.Checkpoint(os.path.join(out, "fsdp-ckpt-{epoch}.safetensors"))], progress=False,
+                    parallel=ld.DataParallel(shard_params=True))
+        dump("fitfsdp", m4)
+        json.dump(h4.history, open(os.path.join(out, f"history-fsdp-{rank}.json"), "w"))
+        # a user's own loop with lm.optim: over DDP it steps the model's tensors, which DDP shares
+        m5 = net()
+        ddp5 = torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m5))
+        opt5 = lm.optim.SGD(m5, lr=0.05)
+        for s in range(4):
+            sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
+            loss = ((ddp5(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
+            loss.backward()
+            opt5.step()
+            opt5.zero_grad()
+        dump("ddplm", m5)
+        # ... over FSDP2 it cannot: the gradients are on the DTensor shards, and it says so
+        m6 = net()
+        mod6 = lm.as_torch_module(m6)
+        fully_shard(mod6)
+        opt6 = lm.optim.SGD(m6, lr=0.05)
+        ((mod6(torch.from_numpy(x[:32])) - torch.from_numpy(y[:32])) ** 2).mean().backward()
+        try:
+            opt6.step()
+        except ValueError as e:
+            open(os.path.join(out, f"fsdp-lmoptim-{rank}.txt"), "w").write(str(e))
+        del mod6
+        gc.collect()  # the sharded module is gone: lm.optim steps the model again
+        lm.losses.mse(m6(x[:32]), y[:32]).backward()
+        opt6.step()
     elif scenario == "mismatch":
         model = net(16 if rank == 0 else 12)
         try:
             lm.fit(model, lm.losses.mse, lm.optim.SGD(model, lr=0.05), (x, y), batch_size=32, progress=False)
         except ld.DistributedError as e:
             open(os.path.join(out, f"error-{rank}.txt"), "w").write(str(e))
+
+        class SignSGD(lm.optim.Optimizer):  # its own rule, no torch.optim class: FSDP2 in fit refuses it
+            slots = ()
+
+            def update(self, param, grad, state, scalars, xp):
+                return param - scalars[0] * xp.sign(grad), {}
+
+        model = net()
+        try:
+            lm.fit(model, lm.losses.mse, SignSGD(model, lr=0.05), (x, y), batch_size=32, progress=False,
+                   parallel=ld.DataParallel(shard_params=True))
+        except ld.DistributedError as e:
+            open(os.path.join(out, f"own-rule-{rank}.txt"), "w").write(str(e))
     elif scenario == "uneven":
         model = net()
         n = 4 if rank == 0 else 2  # different batch counts: must not deadlock
@@ -138,8 +185,9 @@ def _launch(tmp_path, scenario, world=2, timeout_env="60", wait=60):
     return [p.returncode for p in procs], outs
 
 
-def _reference(epochs_steps, lr=0.05):
-    """1 process, batch 64, plain torch (no Lamina in the training): the same global batches."""
+def _reference(epochs_steps, lr=0.05, momentum=0.0):
+    """1 process, batch 64, plain torch (no Lamina in the training): the same global batches. Returns the
+    parameters, the data and, with ``momentum``, torch.optim's momentum buffers."""
     import lamina as lm
 
     lm.set_backend("torch")
@@ -149,7 +197,7 @@ def _reference(epochs_steps, lr=0.05):
     g = np.random.default_rng(1)
     x = g.normal(size=(256, 8)).astype("float32")
     y = (x[:, :1] * 2 - x[:, 1:2] + 0.1 * g.normal(size=(256, 1))).astype("float32")
-    opt = torch.optim.SGD(list(w.values()), lr=lr)
+    opt = torch.optim.SGD(list(w.values()), lr=lr, momentum=momentum)
     rng = np.random.default_rng(0)
     for order in epochs_steps(rng):
         for s in range(0, 256, 64):
@@ -159,6 +207,9 @@ def _reference(epochs_steps, lr=0.05):
             opt.zero_grad()
             ((out - yb) ** 2).mean().backward()
             opt.step()
+    if momentum:
+        return ({k: v.detach().numpy() for k, v in w.items()}, x, y,
+                {k: opt.state[v]["momentum_buffer"].numpy() for k, v in w.items()})
     return {k: v.detach().numpy() for k, v in w.items()}, x, y
 
 
@@ -172,23 +223,48 @@ def test_two_ranks_batch_32_equal_one_process_batch_64(tmp_path):
         got = np.load(tmp_path / f"fit-{r}.npz")
         for k in ref:
             np.testing.assert_allclose(got[k], ref[k], atol=1e-6, err_msg=f"fit rank {r} {k}")
-        for name in ("ddp", "fsdp"):
+        for name in ("ddp", "fsdp", "ddplm"):  # user loops: DDP and FSDP2 with torch.optim, DDP with lm.optim
             got = np.load(tmp_path / f"{name}-{r}.npz")
             for k in fixed:
                 np.testing.assert_allclose(got[k], fixed[k], atol=1e-6, err_msg=f"{name} rank {r} {k}")
+
+    def val_loss(w):  # the mean over all 100 validation rows (each rank evaluated 50), by hand
+        w = {k: torch.from_numpy(v) for k, v in w.items()}
+        xb, yb = torch.from_numpy(x[:100]), torch.from_numpy(y[:100])
+        out = torch.relu(xb @ w["0.weight"] + w["0.bias"]) @ w["2.weight"] + w["2.bias"]
+        return float(((out - yb) ** 2).mean())
+
     h0, h1 = (json.loads((tmp_path / f"history-{r}.json").read_text()) for r in range(2))
     assert h0 == h1  # figures reduced over the ranks: every rank logs the same
-    # val_loss over all 100 validation rows (each rank evaluated 50) == the mean over the whole set, by hand
-    w = {k: torch.from_numpy(v) for k, v in np.load(tmp_path / "fit-0.npz").items()}
-    xb, yb = torch.from_numpy(x[:100]), torch.from_numpy(y[:100])
-    out = torch.relu(xb @ w["0.weight"] + w["0.bias"]) @ w["2.weight"] + w["2.bias"]
-    assert h0["val_loss"][-1] == pytest.approx(float(((out - yb) ** 2).mean()), rel=1e-5)
+    assert h0["val_loss"][-1] == pytest.approx(val_loss(ref_fit), rel=1e-5)
+    # fit with FSDP2 and SGD with momentum == plain torch with momentum, on both ranks; the model was
+    # gathered at each epoch's end (val_loss of the current values) and the Checkpoint has the momentum
+    ref_m, _, _, bufs = _reference(lambda rng: [rng.permutation(256) for _ in range(2)], momentum=0.9)
+    for r in range(2):
+        got = np.load(tmp_path / f"fitfsdp-{r}.npz")
+        for k in ref_m:
+            np.testing.assert_allclose(got[k], ref_m[k], atol=1e-6, err_msg=f"fit FSDP2 rank {r} {k}")
+    f0, f1 = (json.loads((tmp_path / f"history-fsdp-{r}.json").read_text()) for r in range(2))
+    assert f0 == f1 and f0["val_loss"][-1] == pytest.approx(val_loss(ref_m), rel=1e-5)
+    assert f0["val_loss"][0] != f0["val_loss"][1]
+    import lamina as lm
+
+    lm.set_backend("torch")
+    m = lm.Sequential(lm.Linear(8, 16), lm.ReLU(), lm.Linear(16, 1))
+    opt = lm.optim.SGD(m, lr=0.05, momentum=0.9)
+    lm.load_into(m, tmp_path / "fsdp-ckpt-2.safetensors", optimizer=opt)
+    state = opt.state_dict()
+    for k in ref_m:
+        np.testing.assert_allclose(m.state_dict()[k].detach().numpy(), ref_m[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(state[f"{k}/momentum_buffer"].numpy(), bufs[k], atol=1e-6, err_msg=k)
+    # lm.optim over FSDP2's shards: a clear error, not wrong numbers
+    for r in range(2):
+        msg = (tmp_path / f"fsdp-lmoptim-{r}.txt").read_text()
+        assert "FSDP2" in msg and "torch.optim over module.parameters()" in msg and "'0.weight'" in msg, msg
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors")) == ["ckpt-1.safetensors", "ckpt-2.safetensors"]
     # the sharded checkpoint of 2 ranks: 2 shards + the index, loads into 1 process (here, on jax too)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 2 and index["metadata"]["world_size"] == 2
-    import lamina as lm
-
     for backend in ("torch", "jax"):
         lm.set_backend(backend)
         m = lm.Sequential(lm.Linear(8, 16), lm.ReLU(), lm.Linear(16, 1))
@@ -205,6 +281,8 @@ def test_models_that_differ_are_named_at_the_start(tmp_path):
     for r in range(2):
         msg = (tmp_path / f"error-{r}.txt").read_text()
         assert "'0.weight'" in msg and "(8, 16)" in msg and "(8, 12)" in msg, msg
+        msg = (tmp_path / f"own-rule-{r}.txt").read_text()  # FSDP2 in fit needs a torch.optim class
+        assert "SignSGD has none" in msg and "shard_params=False" in msg, msg
 
 
 def test_different_batch_counts_do_not_deadlock(tmp_path):

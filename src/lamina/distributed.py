@@ -7,14 +7,18 @@
   :func:`initialize`) and ``fit`` trains data-parallel by itself: each rank takes its own disjoint part of
   every epoch's order (one shared shuffling seed), ``DistributedDataParallel`` averages the gradients, the
   bar and logs show on rank 0 only, the epoch's figures (``val_*`` included) are reduced over the ranks,
-  every rank stops together and ``lm.Checkpoint`` writes once (rank 0).
+  every rank stops together and ``lm.Checkpoint`` writes once (rank 0). ``parallel=DataParallel(
+  shard_params=True)`` uses FSDP2's ``fully_shard`` instead of DDP; the model and the optimizer state are
+  gathered whole at the end of every epoch (see ``training/torch_parallel.py``).
 - jax: ``fit(..., parallel=lm.distributed.DataParallel(devices="all"))``: the batch is sharded over the
   ``"data"`` axis of a device mesh and the parameters replicated, or, with ``shard_params=True``, the
   parameters and the optimizer state sharded too (FSDP-style); the compiled step is one SPMD program.
+  After ``jax.distributed.initialize`` the same call spans every process's devices.
 
 ``batch_size`` is per rank (per process), as with torch's ``DistributedSampler``: 2 ranks with batch 32 take
-the same 64 rows per step as 1 process with batch 64. On jax (one process, several devices) it is the
-global batch, split over the devices.
+the same 64 rows per step as 1 process with batch 64. The same holds for several jax processes
+(``jax.distributed.initialize``): each process feeds ``batch_size`` rows of every global batch. On jax with
+one process and several devices it is the global batch, split over the devices.
 
 Backend-specific parts live in the parallel rooms of ``training/`` (``torch_parallel.py``,
 ``jax_sharding.py``); this file only knows their names.
@@ -115,6 +119,10 @@ class Plan:
         agree = self.agree if self.world > 1 and not (isinstance(data, tuple) and len(data) == 2
                                                       and hasattr(data[0], "shape")) else None
         return shard_batches(data, batch_size, shuffle, rng, self.rank, self.world, take, agree)
+
+    def end_epoch(self) -> None:
+        """The epoch's batches are done (``fit`` calls it before validation and the epoch's callbacks): make
+        the model whole and current if the step trained something else (FSDP2's shards)."""
 
     def n_batches(self, data, batch_size):
         """This rank's number of batches, where known."""
@@ -236,8 +244,6 @@ def check_same_model(model) -> None:
         return
     mine = describe_model(model)
     everyone = all_gather(mine)
-    if everyone is None:  # a group that cannot send Python objects (several jax processes)
-        return
     me = rank()
     for other, theirs in enumerate(everyone):
         diff = first_difference(mine, theirs, me, other)

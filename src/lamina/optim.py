@@ -165,6 +165,11 @@ class Optimizer:
         """One update. ``grads``: ``{path: gradient}`` as from ``lm.value_and_grad``; without it, each
         parameter's ``.grad`` (on torch, filled by ``loss.backward()``)."""
         backend, entries = self._backend()
+        from .training.torch_module import sharded_elsewhere  # FSDP2 trains shards, not these tensors
+
+        why = sharded_elsewhere(p for _, p in entries)
+        if why is not None:
+            raise ValueError(f"{type(self).__name__}.step(): {why}")
         if grads is None:
             grads = {k: p.grad for k, p in entries}
         missing = [k for k, _ in entries if grads.get(k) is None]

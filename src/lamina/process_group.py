@@ -51,11 +51,7 @@ def broadcast(obj):
     return obj if group is None or group.world_size() == 1 else group.broadcast(obj)
 
 
-def all_gather(obj) -> list | None:
-    """Every rank's ``obj`` (a picklable object), by rank: ``[obj]`` without a process group, None where
-    the group cannot send Python objects."""
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (a picklable object), by rank: ``[obj]`` without a process group."""
     group = active_group()
-    if group is None:
-        return [obj]
-    gather = group.all_gather
-    return None if gather is None else gather(obj)
+    return [obj] if group is None else group.all_gather(obj)

@@ -515,6 +515,8 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                     forget()
                 if not bar.disable:
                     bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
+            if plan is not None:
+                plan.end_epoch()
             if pending:
                 totals["loss"] += _loss_sum(backend, pending)
                 if not bar.disable:

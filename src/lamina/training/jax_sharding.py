@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..backends import get_backend
-from ..distributed import DataParallel, DistributedError, Plan
+from ..distributed import DataParallel, DistributedError, Plan, check_same_model
+from .jax_dist import all_gather, broadcast, full_value
 
 __all__ = ["plan", "mesh_of", "place_model"]
 
@@ -59,30 +60,39 @@ def _spec(shape, n: int, axis: str, shard: bool) -> P:
 
 def place_model(model, optimizer, mesh: Mesh, axis: str = "data", shard_params: bool = False) -> None:
     """Put ``model``'s parameters and buffers (and ``optimizer``'s state) on ``mesh``: replicated, or split
-    along the first axis over ``axis`` (where it divides) with ``shard_params``."""
+    along the first axis over ``axis`` (where it divides) with ``shard_params``. With several processes,
+    every process starts from process 0's values (as DDP starts every rank from rank 0's)."""
     n = mesh.shape[axis]
-    where = {}
-    for path, p in [*model.named_parameters(), *model.named_buffers()]:
-        s = NamedSharding(mesh, _spec(tuple(p.shape), n, axis, shard_params))
-        where[path] = s
-        v = p.value
-        if getattr(v, "sharding", None) != s:
-            p.set_value(_put(v, s), trusted=True)
+    replicated = NamedSharding(mesh, P())
+    items = [*model.named_parameters(), *model.named_buffers()]
+    where = {path: NamedSharding(mesh, _spec(tuple(p.shape), n, axis, shard_params)) for path, p in items}
+    moves = {("value", path): (p.value, where[path]) for path, p in items}  # and ("state", path, slot)
+    eng = None
     if optimizer is not None:
         eng = optimizer.engine(get_backend(model.backend))
         entries = optimizer.entries()
         eng.ensure(entries)
         for k, _ in entries:
-            s = where.get(k) or NamedSharding(mesh, P())
-            eng.state[k] = {slot: _put(a, s) for slot, a in eng.state[k].items()}
+            moves.update({("state", k, slot): (a, where.get(k, replicated)) for slot, a in eng.state[k].items()})
+    moves = {key: (a, s) for key, (a, s) in moves.items() if getattr(a, "sharding", None) != s}
+    placed = _put(moves)
+    for path, p in items:
+        if ("value", path) in placed:
+            p.set_value(placed["value", path], trusted=True)
+    if eng is not None:
+        for key, a in placed.items():
+            if key[0] == "state":
+                eng.state[key[1]] = {**eng.state[key[1]], key[2]: a}
 
 
-def _put(a, sharding):
+def _put(moves: dict) -> dict:
+    """``{key: (array, sharding)}`` -> ``{key: the array placed with that sharding}``."""
     if jax.process_count() == 1:
-        return jax.device_put(a, sharding)
-    # several processes: every process holds the same full value; each keeps the shards of its devices
-    host = np.asarray(a)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return {key: jax.device_put(a, s) for key, (a, s) in moves.items()}
+    # several processes: process 0's whole values go to every process, and each keeps its devices' shards
+    host = broadcast({key: np.asarray(full_value(a)) for key, (a, _) in moves.items()})
+    return {key: jax.make_array_from_callback(host[key].shape, s, lambda idx, h=host[key]: h[idx])
+            for key, (_, s) in moves.items()}
 
 
 class JaxPlan(Plan):
@@ -102,22 +112,33 @@ class JaxPlan(Plan):
         values = np.asarray(values, np.float64)
         if self.world == 1:
             return values
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+        return np.sum(all_gather(values), axis=0)  # float64 as it is (jax arrays would be float32)
 
     def seed(self, seed):
         if self.world == 1 or seed is not None:
             return seed
-        from jax.experimental import multihost_utils
+        return broadcast(int(np.random.SeedSequence().generate_state(1)[0]))
 
-        return int(multihost_utils.broadcast_one_to_all(np.int64(np.random.SeedSequence().generate_state(1)[0])))
+    def check(self, model) -> None:
+        if self.world > 1:
+            check_same_model(model)
 
     def evaluate(self, evaluate, model, loss, data, metrics, batch_size) -> dict:
-        if self.world > 1:
-            raise DistributedError("fit(validation_data=...) with several jax processes is not supported yet: "
-                                   "evaluate after training with lm.evaluate on a model gathered to one process")
-        return evaluate(model, loss, data, metrics=metrics, batch_size=batch_size)
+        """One process: ``evaluate`` as usual (the batches meet the parameters on the mesh). Several: each
+        process evaluates its part of ``data`` on a local copy of the whole model (gathered), and the means
+        are combined over the processes by row count."""
+        if self.world == 1:
+            return evaluate(model, loss, data, metrics=metrics, batch_size=batch_size)
+        items = [*model.named_parameters(), *model.named_buffers()]
+        held = [p.value for _, p in items]
+        local = [jax.device_put(np.asarray(full_value(v)), jax.local_devices()[0]) for v in held]
+        try:
+            for (_, p), v in zip(items, local):
+                p.set_value(v, trusted=True)
+            return super().evaluate(evaluate, model, loss, data, metrics, batch_size)
+        finally:
+            for (_, p), v in zip(items, held):
+                p.set_value(v, trusted=True)
 
     def wrap(self, step, model, loss, optimizer, compile, outputs):
         placed = [False]
@@ -125,6 +146,7 @@ class JaxPlan(Plan):
 
         def ensure_placed():
             if not placed[0] and model.is_built:
+                self.check(model)  # before any collective of the step: differing models fail here, by name
                 place_model(model, optimizer, self.mesh, self.axis, self.parallel.shard_params)
                 if getattr(step, "forget", None) is not None:
                     step.forget()

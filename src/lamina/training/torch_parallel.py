@@ -2,6 +2,12 @@
 ``DataParallel(shard_params=True)``) around ``as_torch_module(model)``, on the process group that ``torchrun``
 set up. The step is the eager step of ``training/torch.py`` with the forward run through the wrapper, so
 that torch averages the gradients over the ranks during ``backward``.
+
+With FSDP2 the module trains ``DTensor`` shards, not the model's tensors, and the optimizer engine steps those
+shards (its state is sharded with them). Between epochs the model and the optimizer are whole again, so that
+validation, callbacks, ``lm.Checkpoint`` and the user see the current values: at the end of each epoch's
+batches the shards are gathered into the model and the optimizer state into full tensors bound to the model
+(every rank), and the first step of the next epoch (or ``fit`` call) shards both again from rank 0's values.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch.distributed as dist
 from .. import context
 from ..backends import get_backend
 from ..distributed import DistributedError, Plan, check_same_model
+from .torch_dist import full_value
 from .torch_module import as_torch_module
 
 __all__ = ["plan"]
@@ -39,6 +46,7 @@ class TorchPlan(Plan):
         self.is_main = self.rank == 0
         self.shard = bool(parallel is not None and parallel.shard_params)
         self.device = model.device
+        self.step = None  # the train step of this fit call (wrap)
 
     def _device(self):
         return torch.device(self.device) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -56,6 +64,12 @@ class TorchPlan(Plan):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def end_epoch(self) -> None:
+        """A sharded model is gathered back (see the module docstring)."""
+        publish = getattr(self.step, "publish", None)
+        if publish is not None:
+            publish()
+
     def check(self, model) -> None:
         try:
             check_same_model(model)
@@ -70,21 +84,32 @@ class TorchPlan(Plan):
         hit = optimizer.step_cache.get(key)
         if hit is None or hit[0] is not model:
             hit = optimizer.step_cache[key] = (model, self._make_step(model, loss_fn, optimizer, compile, outputs))
+        self.step = hit[1]
         return hit[1]
 
     def _make_step(self, model, loss_fn, optimizer, compile, outputs):
+        if self.shard and optimizer.torch_class is None:
+            raise DistributedError(
+                f"fit(parallel=DataParallel(shard_params=True)) on torch steps FSDP2's DTensor shards with the "
+                f"optimizer's torch.optim class, and {type(optimizer).__name__} has none (torch_class is None): its "
+                "own update rule runs through array functions that DTensor does not support, and a rule that is not "
+                "elementwise would be wrong on a shard. Use shard_params=False (DDP), an optimizer with a "
+                "torch_class (lm.optim.SGD, Adam, AdamW), or the jax backend")
         eng = optimizer.engine(get_backend(model.backend))
         made: dict = {}
+        shard = self.shard
 
         def make():
             """The wrapper, made at the first step (the model is built by then): the ranks' models are compared
-            first, and DDP starts every rank from rank 0's values."""
+            first, and every rank starts from rank 0's values (DDP broadcasts them; FSDP2 shards them)."""
             self.check(model)
             module = made["module"] = as_torch_module(model)
-            if self.shard:
+            if shard:
                 from torch.distributed.fsdp import fully_shard
 
+                module._taken = True  # fit keeps the model and the optimizer in step with the shards itself
                 wrapped = fully_shard(module)
+                made["sharded"] = False  # the model holds the current values until to_shards
             else:
                 kwargs = {"device_ids": [module_device(model)]} if dist.get_backend() == "nccl" else {}
                 wrapped = torch.nn.parallel.DistributedDataParallel(module, **kwargs)
@@ -95,15 +120,33 @@ class TorchPlan(Plan):
 
             made["run"] = torch.compile(forward_loss) if compile else forward_loss
 
+        def to_shards():
+            """The model's values (rank 0's) into the shards, and the optimizer state with them."""
+            module = made["module"]
+            module.scatter_from_model()
+            _state_to_shards(eng, optimizer, module)
+            made["sharded"] = True
+
+        def publish():
+            """The shards' values back into the model, and the optimizer state whole, bound to the model."""
+            if made.get("sharded"):
+                module = made["module"]
+                module.gather_into_model()
+                _state_to_model(eng, optimizer, module)
+                made["sharded"] = False
+
         cache = [None, None]
 
         def step(x, y, lr):
             if not made:
                 make()
+            if shard and not made["sharded"]:
+                to_shards()
+                cache[0] = None
             run, module = made["run"], made["module"]
             version = context.structure_version()
             if cache[0] != version:
-                cache[:] = [version, _entries(module, optimizer, self.shard)]
+                cache[:] = [version, _entries(module, optimizer, shard)]
             entries = cache[1]
             for _, p in entries:
                 p.grad = None
@@ -120,6 +163,7 @@ class TorchPlan(Plan):
         step.many = None
         step.group = lambda x: 1
         step.made = made
+        step.publish = publish if shard else None
         return step
 
 
@@ -148,6 +192,31 @@ def _entries(module, optimizer, shard):
         return entries
     params = dict(module.named_parameters())
     return [(k, _Sharded(params[k])) for k, _ in entries]
+
+
+# The engine here is always torch.optim's (training/torch.py _TorchOptim: FSDP2 needs a torch_class), whose
+# load_state_dict takes tensors as they are: full ones, or DTensor shards.
+def _state_to_model(eng, optimizer, module) -> None:
+    """The engine's state over the shards, gathered whole and bound to the model's own tensors."""
+    state = eng.state_dict(_entries(module, optimizer, True))
+    eng.load_state_dict(optimizer.entries(), {k: full_value(v).detach() for k, v in state.items()})
+
+
+def _state_to_shards(eng, optimizer, module) -> None:
+    """The engine's state over the model's tensors, sharded as the module's parameters (rank 0's values)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    entries = optimizer.entries()
+    state = eng.state_dict(entries)
+    params = dict(module.named_parameters())
+    placed = {}
+    for key, v in state.items():
+        path, _, slot = key.rpartition("/")
+        d = params[path]
+        if slot != "step" and isinstance(d, DTensor):
+            v = distribute_tensor(v.detach(), d.device_mesh, d.placements)
+        placed[key] = v
+    eng.load_state_dict(_entries(module, optimizer, True), placed)
 
 
 def module_device(model):
