@@ -25,7 +25,8 @@ Caches that belong to an object the user holds are not global state, but they ar
 nothing hides: ``train._INFERENCE`` (a ``WeakKeyDictionary`` model -> (backend, snapshot of the modules'
 plain attributes, compiled forward); one per model, rebuilt when the backend or a plain attribute changes);
 ``optimizer.step_cache`` (``{(id(model), backend, loss, compile, outputs): (weakref(model), step)}``, the
-4 most recently used per optimizer, ``train.STEP_CACHE_SIZE``); the per-type dispatch caches of
+4 most recently used per optimizer, ``train.STEP_CACHE_SIZE``); each ``lm.value_and_grad`` function's
+``runners`` (a ``WeakKeyDictionary`` model -> its compiled programs, on jax); the per-type dispatch caches of
 ``backends.backend_of`` and ``lm.ops`` (array type -> adapter or namespace; they never change meaning).
 
 Thread-local state is what two threads could otherwise see half of: a pure call in one thread must not

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .backends import backend_of, get_backend
+from .functional import _python_values
 from .module import Module
 from .training import active_group, trainer_for
 from .training.base import input_leaves
@@ -645,30 +646,6 @@ def _room(model: Module):
 #: model -> (backend, Python attributes, compiled forward): the forward that evaluate and predict use on a
 #: backend that compiles inference; it lives as long as the model (weak keys), one per model
 _INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PLAIN = (int, float, bool, str, type(None))
-
-
-_BOOKKEEPING: set = set()
-
-
-def _bookkeeping() -> set:
-    """The attributes ``Module`` keeps for itself (built flags, mode, caches): not the user's values."""
-    _BOOKKEEPING.update(Module().__dict__, ("training", "_built", "_building", "_pass", "_model_index"))
-    return _BOOKKEEPING
-
-
-def _python_values(model: Module) -> tuple:
-    """Every module's plain Python attributes (numbers, strings, tuples of them): a compiled forward reads
-    them when it is traced, so a change of one (``m.k = 5.0``) must compile again. ``Module``'s own
-    bookkeeping is left out (the compiled forward takes the modes as its own key)."""
-    skip = _BOOKKEEPING or _bookkeeping()
-    out = []
-    for m in model.modules():
-        for name, v in m.__dict__.items():
-            t = type(v)
-            if name not in skip and (t in _PLAIN or (t is tuple and all(type(e) in _PLAIN for e in v))):
-                out.append((id(m), name, v))
-    return tuple(out)
 
 
 def _inference(model: Module):
@@ -678,7 +655,7 @@ def _inference(model: Module):
     room = _room(model)
     if not getattr(room, "COMPILE_INFERENCE", False):
         return model
-    values = _python_values(model)
+    values = _python_values([m.__dict__ for m in model.modules()])
     hit = _INFERENCE.get(model)
     if hit is None or hit[0] != model.backend or hit[1] != values:
         hit = _INFERENCE[model] = (model.backend, values, room.make_forward(model))

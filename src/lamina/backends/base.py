@@ -136,6 +136,17 @@ class Backend:
             "weights here for inference"
         )
 
+    def jit(self, f, static_argnums: tuple = ()):
+        """``f`` compiled for repeated calls (one program per signature of its array arguments; the
+        arguments at ``static_argnums`` are hashed into the signature), or None where this backend does not
+        compile ``lm.value_and_grad`` (its eager autodiff is what it runs)."""
+        return None
+
+    def is_trace_error(self, exc: BaseException) -> bool:
+        """True when ``exc`` (or an exception it was raised from) says that a function being compiled read
+        the value of a traced array (``float(x)``, ``np.asarray(x)``, ``if x > 0:``)."""
+        return False
+
     # ----- ops: generic Array-API versions; backends override the hot ones --------------------------
     def relu(self, x):
         return self.xp.where(x > 0, x, self.xp.zeros_like(x))

@@ -11,6 +11,10 @@ from ..errors import BackendError, DeviceError
 from .base import Backend, normalise_device
 
 _ArrayImpl = type(jnp.zeros(()))  # the concrete (non-traced) array type
+# what jax raises where traced code asks for a concrete value (float(x), np.asarray(x), if x > 0:, x[x > 0])
+_TRACE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                 jax.errors.TracerIntegerConversionError, jax.errors.NonConcreteBooleanIndexError,
+                 jax.errors.UnexpectedTracerError)
 
 
 def _jax_device_name(d) -> str:
@@ -97,6 +101,18 @@ class JaxBackend(Backend):
     def value_and_grad(self, f, params, has_aux=False):
         return jax.value_and_grad(f, has_aux=has_aux)(params)
 
+    def jit(self, f, static_argnums=()):
+        return jax.jit(f, static_argnums=static_argnums)
+
+    def is_trace_error(self, exc):
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            if isinstance(exc, _TRACE_ERRORS):
+                return True
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__
+        return False
+
     # ----- native ops --------------------------------------------------------------------------------
     # Eager jax.nn.relu costs ~100 us (custom_jvp dispatch) against ~9 us for jnp.maximum, but
     # maximum's gradient at 0 is 0.5 where torch's and jax.nn.relu's is 0. Only traced arrays can be
@@ -167,7 +183,8 @@ class JaxBackend(Backend):
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
     def fold_key(self, key, i):
-        if not isinstance(key, jax.Array):  # an int seed (lm.random.key_scope takes either)
+        # an int seed (lm.random.key_scope takes either), or a traced integer seed (lm.value_and_grad's)
+        if not isinstance(key, jax.Array) or (key.ndim == 0 and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
             key = jax.random.key(key)
         return jax.random.fold_in(key, i)
 
