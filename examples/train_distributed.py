@@ -39,11 +39,9 @@ def main():
 
     if args.backend == "torch":
         ld.initialize(timeout=120)  # joins the group that torchrun describes (gloo on CPU, nccl on GPUs)
-    elif args.processes:
-        import jax
-
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.processes,
-                                   process_id=args.process_id)
+    elif args.processes:  # jax's processes, with Lamina's timeouts (a process that dies stops the others)
+        ld.initialize(timeout=120, framework="jax", coordinator_address=args.coordinator,
+                      num_processes=args.processes, process_id=args.process_id)
     lm.set_backend(args.backend)
     g = np.random.default_rng(0)
     x = g.normal(size=(4096, 32)).astype("float32")

@@ -214,3 +214,153 @@ def test_a_sharded_checkpoint_of_two_processes_loads_into_one(run):
     for k, v in m.state_dict().items():
         np.testing.assert_array_equal(np.asarray(v), written[k], err_msg=k)
         np.testing.assert_allclose(np.asarray(state[f"{k}/momentum_buffer"]), bufs[k], atol=2e-6, err_msg=k)
+
+
+# ----- faults: a process that dies or stalls mid-fit ---------------------------------------------------------
+FAULT_WORKER = textwrap.dedent(r"""
+    import os, sys, time
+    import lamina as lm
+    from lamina import distributed as ld
+
+    r, port, out, scenario, timeout = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+    ld.initialize("gloo", timeout=timeout, framework="jax", coordinator_address=f"127.0.0.1:{port}",
+                  num_processes=2, process_id=r, initialization_timeout=60)  # a slow start is no fault here
+    import numpy as np
+
+    lm.set_backend("jax")
+    x = np.random.default_rng(1).normal(size=(256, 8)).astype("float32")
+    lm.manual_seed(0)
+    model = lm.Sequential(lm.Linear(8, 16), lm.ReLU(), lm.Linear(16, 1))
+    faulty = 0 if scenario == "coordinator-dies" else 1
+
+    class Fault(lm.Callback):
+        def on_batch_end(self, batch, logs):
+            if r == faulty and batch == 2:
+                open(os.path.join(out, "fault.txt"), "w").write(repr(time.time()))
+                if scenario == "stalls":
+                    time.sleep(timeout + 5)  # alive (jax's heartbeats go on), but in no collective
+                else:
+                    os._exit(3)
+
+    try:
+        lm.fit(model, lm.losses.mse, lm.optim.SGD(model, lr=0.05), (x, x[:, :1]), epochs=50, batch_size=4,
+               callbacks=[Fault()], progress=False, parallel=ld.DataParallel())
+    except Exception as e:
+        open(os.path.join(out, f"error-{r}.txt"), "w").write(f"{time.time()!r} {type(e).__name__}: {e}")
+        raise
+""")
+
+FAULT_TIMEOUT = 10  # lm.distributed.initialize(timeout=...) in the fault workers, seconds
+FAULT_WAIT = 40  # seconds for all three pairs (about 12 s on a free 2-core machine): beyond, a hang fails
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """The three fault scenarios, each a pair of processes, run at once: ``{scenario: (folder, exit codes,
+    exit times, output)}``. Processes still running at ``FAULT_WAIT`` are killed (exit code None)."""
+    root = tmp_path_factory.mktemp("jax2-faults")
+    script = root / "worker.py"
+    script.write_text(FAULT_WORKER)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("XLA_FLAGS", None)
+    runs = {}
+    for scenario in ("dies", "coordinator-dies", "stalls"):
+        out = root / scenario
+        out.mkdir()
+        port = str(_free_port())
+        logs = [open(out / f"log-{r}.txt", "w") for r in range(2)]
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(out), scenario,
+                                   str(FAULT_TIMEOUT)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
+                 for r in range(2)]
+        runs[scenario] = (out, procs, logs, [None, None])
+    deadline = time.time() + FAULT_WAIT
+    while time.time() < deadline and any(p.poll() is None for _, procs, _, _ in runs.values() for p in procs):
+        for _, procs, _, ended in runs.values():
+            for r, p in enumerate(procs):
+                if ended[r] is None and p.poll() is not None:
+                    ended[r] = time.time()
+        time.sleep(0.05)
+    result = {}
+    for scenario, (out, procs, logs, ended) in runs.items():
+        for r, p in enumerate(procs):
+            if ended[r] is None and p.poll() is not None:
+                ended[r] = time.time()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+        codes = [p.returncode if t is not None else None for p, t in zip(procs, ended)]
+        text = "\n\n".join(f"process {r} (exit {codes[r]}):\n{(out / f'log-{r}.txt').read_text()[-3000:]}"
+                           for r in range(2))
+        result[scenario] = (out, codes, ended, text)
+    return result
+
+
+def _fault_time(out, text) -> float:
+    assert (out / "fault.txt").exists(), f"no process reached the fault:\n{text}"
+    return float((out / "fault.txt").read_text())
+
+
+def _error(out, r, text):
+    """``(time, message)`` of process ``r``'s error in ``fit``."""
+    assert (out / f"error-{r}.txt").exists(), f"process {r} raised nothing from fit:\n{text}"
+    when, msg = (out / f"error-{r}.txt").read_text().split(" ", 1)
+    return float(when), msg
+
+
+def test_a_dead_process_stops_the_other_with_an_error(faults):
+    out, codes, ended, text = faults["dies"]
+    died = _fault_time(out, text)
+    assert codes[1] == 3, text
+    when, msg = _error(out, 0, text)
+    assert msg.startswith("DistributedError: jax process 0: a train step failed because another jax process "
+                          "stopped answering"), msg
+    assert "start every process again" in msg and "Gloo" in msg, msg  # what to do; jax's own words
+    assert when - died < FAULT_TIMEOUT, (when - died, text)  # gloo sees the closed connection at once
+    # ... then exits with status 1 at once, not after jax's shutdown waited out the heartbeat timeout and
+    # aborted (status 134)
+    assert codes[0] == 1, text
+    assert ended[0] - died < FAULT_TIMEOUT, (ended[0] - died, text)
+
+
+def test_a_dead_coordinator_stops_the_other_within_the_timeout(faults):
+    """Process 0 runs jax's coordination service: when it dies, jax ends the other process itself (a fatal
+    error, status 134, naming the dead task), unless Lamina's error came first (status 1)."""
+    out, codes, ended, text = faults["coordinator-dies"]
+    died = _fault_time(out, text)
+    assert codes[0] == 3, text
+    assert codes[1] in (1, -6, 134), text  # -6: SIGABRT, as subprocess reports it
+    log = (out / "log-1.txt").read_text()
+    assert "DistributedError: jax process 1" in log or "another task died" in log, text
+    assert ended[1] - died < FAULT_TIMEOUT, (ended[1] - died, text)
+
+
+def test_a_stalled_process_stops_the_other_after_the_timeout(faults):
+    """Alive but in no collective (jax's heartbeats go on): the other's collective fails after the timeout
+    that ``lm.distributed.initialize`` set (``--xla_cpu_collective_timeout_seconds``), not before."""
+    out, codes, ended, text = faults["stalls"]
+    stalled = _fault_time(out, text)
+    when, msg = _error(out, 0, text)
+    assert msg.startswith("DistributedError: jax process 0: a train step failed because another jax process "
+                          "stopped answering"), msg
+    assert FAULT_TIMEOUT - 1 < when - stalled < FAULT_TIMEOUT + 5, (when - stalled, text)
+    assert codes[0] == 1, text
+
+
+def test_only_a_failed_collective_becomes_a_distributed_error(monkeypatch):
+    """What the workers above cannot show: jax's errors of this process alone go through unchanged."""
+    from lamina.distributed import DistributedError
+    from lamina.training import jax_dist
+
+    monkeypatch.setattr(jax_dist, "_failed", [False])  # this process must not exit with status 1 afterwards
+    for own in (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes"),
+                ValueError("UNKNOWN: a custom call failed"), ValueError("Incompatible shapes: (3,) vs (4,)")):
+        with pytest.raises(type(own)) as info, jax_dist.collective("a step"):
+            raise own
+        assert info.value is own
+    assert jax_dist._failed == [False]
+    with pytest.raises(DistributedError, match="a step failed because another jax process stopped answering"):
+        with jax_dist.collective("a step"):
+            raise RuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:547] Connection closed by peer")
+    assert jax_dist._failed == [True]

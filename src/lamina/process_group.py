@@ -9,16 +9,22 @@ from .training import GROUPS, active_group, group_room
 __all__ = ["initialize", "rank", "world_size", "is_main", "barrier", "broadcast", "all_gather"]
 
 
-def initialize(backend: str | None = None, timeout: float = 300.0, *, framework: str = "torch") -> None:
-    """Join the process group of ``framework`` (default: the torch process group that ``torchrun`` describes:
-    ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...), with a timeout (seconds) after which a collective that
-    waits for a dead or stuck rank fails instead of hanging. ``backend``: the collective library,
-    ``"nccl"`` where CUDA is available, else ``"gloo"``."""
+def initialize(backend: str | None = None, timeout: float = 300.0, *, framework: str = "torch", **where) -> None:
+    """Join the process group of ``framework``, with a timeout (seconds) that bounds how long the others wait
+    for a rank that died before they stop.
+
+    torch (the default): the group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
+    ...); ``timeout`` bounds every collective; ``backend``: ``"nccl"`` where CUDA is available, else
+    ``"gloo"``. jax: ``jax.distributed.initialize(**where)`` (``coordinator_address="host0:1234",
+    num_processes=2, process_id=i``; none where jax detects the cluster: Slurm, Open MPI, Cloud TPU);
+    ``timeout`` bounds the start, is jax's heartbeat timeout (a process silent that long counts as dead) and
+    the CPU collectives' timeout (``training/jax_dist.py``); ``backend``: jax's CPU collectives, ``"gloo"`` or
+    ``"mpi"``. What a dead process does to the others: the README, "Scaling out"."""
     room = group_room(framework)
     if room is None:
         raise ValueError(f"initialize: no process group for {framework!r}; expected one of "
                          f"{sorted(GROUPS)}")
-    room.initialize(backend, timeout)
+    room.initialize(backend, timeout, **where)
 
 
 def rank() -> int:

@@ -5,7 +5,9 @@ The parameters (and buffers and optimizer state) are placed on a device mesh, re
 is placed split over the data axis. The train step of ``training/jax.py`` is then compiled by ``jax.jit`` for
 arrays with these shardings, so it is one SPMD program: XLA inserts the gradient all-reduce (or the
 all-gathers and reduce-scatters of FSDP) itself. With several jax processes (``jax.distributed.initialize``),
-the mesh spans every process's devices and each process feeds its own part of every global batch.
+the mesh spans every process's devices and each process feeds its own part of every global batch; each
+step is waited for, so that a step whose collectives fail because another process died raises a
+``DistributedError`` (``jax_dist.collective``) instead of jax's error surfacing later, wherever the loss is read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..backends import get_backend
 from ..distributed import DataParallel, DistributedError, Plan, check_same_model
-from .jax_dist import all_gather, broadcast, full_value
+from .jax_dist import all_gather, broadcast, collective, full_value
 
 __all__ = ["plan", "mesh_of", "place_model"]
 
@@ -169,7 +171,12 @@ class JaxPlan(Plan):
 
         def run(x, y, lr):
             ensure_placed()
-            return step(x, y, lr)
+            if self.world == 1:
+                return step(x, y, lr)
+            with collective("a train step"):  # waits for the step, so that a dead process is named here
+                loss, out = step(x, y, lr)
+                jax.block_until_ready(loss)
+            return loss, out
 
         run.convert = put
         run.many = None
