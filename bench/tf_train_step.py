@@ -6,8 +6,11 @@ Workloads (the ones of bench/train_step.py, same data):
   tiny  Linear(64, 8) + ReLU -> Linear(8, 1), batch 32, mean squared error, Adam
 
 Candidates:
-  lamina fit            ``lm.fit`` with its defaults (one ``tf.function`` step, XLA), shuffling and batching in
-  lamina step           the same compiled step alone, over the pre-made batches the hand-written loop uses
+  lamina fit            ``lm.fit`` with its defaults (XLA, the epoch's rows on the device, 16 steps per call in a
+                        ``tf.while_loop`` where the step measured faster so), shuffling and batching in
+  lamina fit k=1        ``fit(steps_per_call=1)``: one compiled call per step
+  lamina step           the compiled step alone, one call per step, over the pre-made batches the hand-written
+                        loop uses
   tf.function+keras     a hand-written step: ``tf.GradientTape`` over ``tf.Variable`` weights and
                         ``keras.optimizers.Adam.apply_gradients``, in one ``tf.function`` (graph mode)
   tf.function+keras xla the same with ``jit_compile=True``
@@ -69,7 +72,7 @@ def lamina_candidates(name, steps):
 
         return run
 
-    return {"lamina fit": fit_with(), "lamina step": step_with(None)}
+    return {"lamina fit": fit_with(), "lamina fit k=1": fit_with(steps_per_call=1), "lamina step": step_with(None)}
 
 
 def tf_candidates(name, steps):

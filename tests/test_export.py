@@ -49,6 +49,77 @@ def test_saved_model_and_tflite_serve_without_lamina(tmp_path):
     run(SERVE, str(tmp_path))  # plain TensorFlow in a fresh process, lamina never imported
 
 
+SERVE_CASES = textwrap.dedent('''
+    import json, sys
+    import numpy as np, tensorflow as tf
+    d = sys.argv[1]
+    for name, batches in json.load(open(d + "/cases.json")).items():
+        m = tf.saved_model.load(f"{d}/{name}")
+        it = tf.lite.Interpreter(model_path=f"{d}/{name}.tflite")
+        tflite = it.get_signature_runner("serving_default")  # resizes its input to each batch
+        for n in batches:
+            ref = np.load(f"{d}/{name}_{n}.npz")
+            x, ys = ref["x"], [ref[f"y{i}"] for i in range(len(ref.files) - 1)]
+            served = m.signatures["serving_default"](x=tf.constant(x))
+            lite = tflite(x=x)
+            assert len(served) == len(lite) == len(ys), (name, len(served), len(lite), len(ys))
+            for i, y in enumerate(ys):
+                np.testing.assert_allclose(served[f"output_{i}"].numpy(), y, rtol=1e-5, atol=1e-5, err_msg=name)
+                np.testing.assert_allclose(lite[f"output_{i}"], y, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not any(m.startswith("lamina") for m in sys.modules)
+    print("OK")
+''')
+
+
+def test_layers_export_for_any_batch_size_and_serve_in_eval_mode(tmp_path):
+    """Exported with the batch axis None, served for batches of 2 and 7 by plain TensorFlow and TFLite in a
+    fresh process (SERVE_CASES), against the model's own eval-mode outputs (several outputs flattened: an
+    LSTM's out, h, c):
+    - LSTM, GRU and RNN (the RNN with the time axis None too): the zero initial state takes its size from
+      the input at run time, and the time loop converts to TFLite builtins;
+    - a CNN with BatchNorm2d (running statistics away from 0 and 1), Dropout and Flatten (its
+      x.reshape(x.shape[0], -1)): served in eval mode although the SavedModel writer traces the forward
+      again (it had run in training mode: batch statistics and dropout);
+    - an Embedding model not built yet, for int64 token ids: built on zeros of that dtype (a float dry run
+      is refused by the Embedding); a tensorflow model, so the export builds it, not a copy.
+    The references of the others are the numpy backend's outputs."""
+    import json
+
+    lm.set_backend("numpy")
+    lm.manual_seed(0)
+    cnn = lm.Sequential(lm.Conv2d(1, 4, 3), lm.BatchNorm2d(4), lm.ReLU(), lm.Dropout(0.5), lm.MaxPool2d(2),
+                        lm.Flatten(), lm.Linear(3))
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # training-mode calls move the running statistics
+        cnn(rng.standard_normal((8, 1, 10, 10)).astype("float32") * 3 + 1)
+    assert not np.allclose(np.asarray(cnn[1].running_var), 1.0)
+    cases = {  # name: (model, input shape with None axes, dtype)
+        "lstm": (lm.LSTM(3, 4, num_layers=2, bidirectional=True), (None, 5, 3), "float32"),
+        "gru": (lm.GRU(3, 4, batch_first=False), (5, None, 3), "float32"),
+        "rnn": (lm.RNN(3, 4, nonlinearity="relu"), (None, None, 3), "float32"),  # (2, 2, 3) and (7, 7, 3)
+        "cnn": (cnn, (None, 1, 10, 10), "float32"),
+    }
+    lm.set_backend("tensorflow")
+    tokens = lm.Sequential(lm.Embedding(10, 8), lm.LayerNorm(8), lm.Linear(2))
+    assert not tokens.is_built
+    lm.export(tokens, tmp_path / "first", input_shape=(None, 5), dtype="int64")
+    assert tokens.is_built
+    cases["tokens"] = (tokens, (None, 5), "int64")
+    batches = (2, 7)
+    for name, (net, shape, dtype) in cases.items():
+        for n in batches:
+            size = tuple(n if d is None else d for d in shape)
+            x = rng.integers(0, 10, size) if dtype == "int64" else rng.standard_normal(size).astype(dtype)
+            with net.mode(False):
+                out = net(x)
+            ys = [out] if not isinstance(out, tuple) else [out[0], *(out[1] if isinstance(out[1], tuple) else out[1:])]
+            np.savez(tmp_path / f"{name}_{n}.npz", x=x, **{f"y{i}": np.asarray(y) for i, y in enumerate(ys)})
+        lm.export(net, tmp_path / name, input_shape=shape, dtype=dtype)
+        lm.export(net, tmp_path / f"{name}.tflite", format="tflite", input_shape=shape, dtype=dtype)
+    (tmp_path / "cases.json").write_text(json.dumps({name: batches for name in cases}))
+    run(SERVE_CASES, str(tmp_path))
+
+
 class PeeksAtValues(lm.Module):
     """Branches in Python on an array's value: runs eagerly, cannot be traced into a graph."""
 

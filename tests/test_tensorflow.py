@@ -1,7 +1,8 @@
 """What is particular to the tensorflow backend (everything backend-neutral runs on it through the shared fixture
-in conftest.py): tf.Variable parameters, functional_call under tf.function, the XLA train step, the NumPy
-methods the textbook's layers call on tf.Tensor, the Array-API shim, and the issue's example end to end.
-References: the numpy backend with the same seed, NumPy, finite differences, a hand-written tf.function."""
+in conftest.py): tf.Variable parameters, functional_call under tf.function, the XLA train step (its scalars in
+a variable, steps grouped in a tf.while_loop, the epoch's rows on the device), the NumPy methods the textbook's
+layers call on tf.Tensor, the Array-API shim, and the issue's example end to end. References: the numpy
+backend with the same seed, NumPy, finite differences, a hand-written tf.function, the eager step."""
 
 import numpy as np
 import pytest
@@ -192,3 +193,129 @@ def test_issue_example_end_to_end():
     net = textbook_net()
     hist = lm.fit(net, lm.losses.mse, lm.optim.Adam(net, lr=1e-2), (X, Y), epochs=5, progress=False)
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
+
+
+class _Losses(lm.Callback):
+    """Every step's loss; at batch ``slow_at`` (if given) sets the learning rate to ``slow_lr``."""
+
+    def __init__(self, slow_at=None, slow_lr=None):
+        self.seen, self.slow_at, self.slow_lr = [], slow_at, slow_lr
+
+    def on_batch_end(self, batch, logs):
+        self.seen.append(logs["loss"])
+        if batch == self.slow_at:
+            self.trainer.optimizer.lr = self.slow_lr
+
+
+@pytest.mark.parametrize(("steps_per_call", "form"), [(1, "arrays"), (16, "arrays"), (4, "batches")])
+def test_fit_follows_a_numpy_sgd_loop_across_grouped_calls_and_a_changed_learning_rate(steps_per_call, form):
+    """300 steps of batch 1 (the scalars' ring of 256 rows wraps), the learning rate set by a batch callback
+    after step 96 (the end of a call for 1, 4 and 16 steps per call; rows written ahead for the old rate must
+    not be used): one step per call, 16 per call (a tf.while_loop over the epoch's rows on the device) and 4
+    per call over a list of batches (step.many). Every step's loss reaches the callback; the weights and the
+    losses follow the same loop in NumPy (float64)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((150, 3)).astype("float32")
+    Y = (X @ np.array([[1.0], [-2.0], [0.5]]) + 0.3 + rng.standard_normal((150, 1))).astype("float32")  # noisy:
+    lm.manual_seed(0)  # SGD keeps moving, so each step's learning rate shows in the weights
+    net = lm.Linear(3, 1)
+    net(X[:1])
+    w, b = (net.get_parameter(k).numpy().astype(np.float64) for k in ("weight", "bias"))
+    opt = lm.optim.SGD(net, lr=0.05)
+    record = _Losses(slow_at=95, slow_lr=0.02)
+    data = (X, Y) if form == "arrays" else [(X[i:i + 1], Y[i:i + 1]) for i in range(150)]
+    lm.fit(net, lm.losses.mse, opt, data, epochs=2, batch_size=1, shuffle=False, steps_per_call=steps_per_call,
+           callbacks=[record], progress=False)
+    want = []
+    for s in range(300):
+        x, y = X[s % 150:s % 150 + 1].astype(np.float64), Y[s % 150:s % 150 + 1].astype(np.float64)
+        err = x @ w + b - y
+        want.append(float((err**2).mean()))
+        lr = 0.05 if s < 96 else 0.02
+        w, b = w - lr * 2 * x.T @ err / err.size, b - lr * 2 * err.sum(0) / err.size
+    assert opt.steps == 300 and len(record.seen) == 300
+    np.testing.assert_allclose(record.seen, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(net.get_parameter("weight").numpy(), w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net.get_parameter("bias").numpy(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_steps_carry_batchnorm_buffers_and_match_steps_run_one_by_one():
+    """Shuffled, with BatchNorm's running statistics carried through the loop: 16 steps per call give every
+    step's loss, the weights and the buffers of one step per call."""
+    rng = np.random.default_rng(2)
+    X, Y = rng.standard_normal((200, 6)).astype("float32"), rng.integers(0, 3, 200)
+    results = []
+    for k in (1, 16):
+        lm.manual_seed(0)
+        # no bias before the BatchNorm: its gradient is rounding noise, which Adam would turn into steps of lr
+        net = lm.Sequential(lm.Linear(6, 16, bias=False), lm.BatchNorm1d(16), lm.ReLU(), lm.Linear(3))
+        opt = lm.optim.Adam(net, lr=0.01)
+        record = _Losses()
+        lm.fit(net, lm.losses.cross_entropy, opt, (X, Y), epochs=2, batch_size=8, steps_per_call=k,
+               callbacks=[record], progress=False)
+        results.append((record.seen, {n: v.numpy() for n, v in net.state_dict().items()}, opt.steps))
+    (seen1, w1, s1), (seen16, w16, s16) = results
+    assert s1 == s16 == 50 and len(seen1) == len(seen16) == 50
+    np.testing.assert_allclose(seen16, seen1, rtol=1e-5, atol=1e-6)
+    assert "1.running_mean" in w1
+    for key in w1:
+        np.testing.assert_allclose(w16[key], w1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_loaded_optimizer_state_reaches_the_compiled_step():
+    """Loading zero moments and step 0 into the optimizer of a model already trained by fit: the next update
+    is Adam's first, lr * g / (|g| + eps), which is lr in size for each element (the compiled step had kept
+    the old moments: a bug)."""
+    X = np.random.default_rng(0).random((64, 4)).astype("float32")
+    lm.manual_seed(0)
+    net = lm.Linear(4, 1)
+    opt = lm.optim.Adam(net, lr=0.1)
+    lm.fit(net, lm.losses.mse, opt, (X, X[:, :1]), batch_size=16, shuffle=False, progress=False)
+    before = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+    opt.load_state_dict({k: np.zeros_like(np.asarray(v)) for k, v in opt.state_dict().items()})
+    lm.fit(net, lm.losses.mse, opt, (X[:16], X[:16, :1]), batch_size=16, progress=False)
+    for k, v in net.state_dict().items():
+        np.testing.assert_allclose(np.abs(v.numpy() - before[k]), 0.1, rtol=1e-5, err_msg=k)
+    assert int(np.asarray(opt.state_dict()["weight/step"]).reshape(-1)[0]) == 1
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_the_epoch_on_the_device_takes_fits_shuffled_batches(steps_per_call):
+    """fit over arrays slices each batch on the device through the epoch's order (step.epoch); the eager step
+    (compile=False) gets the batches fit cuts on the host. Shuffled, 44 rows in batches of 8 (a last batch of
+    4), 3 epochs: the same losses step by step and the same weights."""
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((44, 5)).astype("float32"), rng.standard_normal((44, 2)).astype("float32")
+    runs = []
+    for compile in (None, False):
+        lm.manual_seed(0)
+        net = lm.Sequential(lm.Linear(5, 8), lm.Tanh(), lm.Linear(2))
+        record = _Losses()
+        lm.fit(net, lm.losses.mse, lm.optim.Adam(net, lr=0.05), (X, Y), epochs=3, batch_size=8, seed=7,
+               compile=compile, steps_per_call=steps_per_call, callbacks=[record], progress=False)
+        runs.append((record.seen, {k: v.numpy() for k, v in net.state_dict().items()}))
+    (seen, w), (seen_eager, w_eager) = runs
+    assert len(seen) == len(seen_eager) == 18
+    np.testing.assert_allclose(seen, seen_eager, rtol=1e-5, atol=1e-6)
+    for k in w:
+        np.testing.assert_allclose(w[k], w_eager[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_reshape_takes_sizes_unknown_while_tracing_at_run_time():
+    """x.reshape(x.shape[0], -1) under a trace with the batch axis None (lm.export's input_shape): the None is
+    the run-time size of that axis, and the -1 comes from the known sizes (the result keeps a static last
+    axis for the layer after it); NumPy's results on batches of 1 and 4."""
+    xp = lm.get_backend("tensorflow").xp
+    shapes = []
+
+    def f(a):
+        outs = (a.reshape(a.shape[0], -1), xp.reshape(a, (a.shape[0], 3, -1)), a.reshape((a.shape[0], a.shape[1], 6)))
+        shapes.append([tuple(o.shape) for o in outs])
+        return outs
+
+    f = tf.function(f, input_signature=[tf.TensorSpec((None, 2, 3, 2))], autograph=False)
+    for n in (1, 4):
+        a = rand(n, 2, 3, 2)
+        for got, want in zip(f(tf.constant(a)), (a.reshape(n, -1), a.reshape(n, 3, -1), a.reshape(n, 2, 6))):
+            np.testing.assert_array_equal(got.numpy(), want)
+    assert shapes == [[(None, 12), (None, 3, 4), (None, 2, 6)]]

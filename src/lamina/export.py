@@ -10,7 +10,9 @@ to tensorflow (``model.to(backend="tensorflow")``); the model itself is left as 
     lm.export(net, "net.tflite", format="tflite", input_shape=(None, 64))
 
 Load the SavedModel with plain TensorFlow: ``tf.saved_model.load("served/").serve(x)``, or through the
-``serving_default`` signature (input ``x``, output ``output_0``).
+``serving_default`` signature (input ``x``, output ``output_0``). A model with several outputs (a nested
+tuple such as an LSTM's ``(out, (h, c))``) serves them flattened, in ``tf.nest.flatten`` order: ``output_0``,
+``output_1``, ... (``serve(x)`` returns that flat tuple; a TFLite model has that many output tensors).
 """
 
 from __future__ import annotations

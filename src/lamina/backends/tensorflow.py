@@ -59,6 +59,41 @@ def _add_numpy_methods() -> None:
     for klass in (cls, tf.Variable):
         if not getattr(klass.__matmul__, "_lamina", False):
             klass.__matmul__, klass.__rmatmul__ = _vector_matmul(klass.__matmul__, klass.__rmatmul__)
+    if not getattr(cls.reshape, "_lamina", False):
+        cls.reshape = _reshape_method(cls.reshape)
+
+
+def _reshape_method(reshape):
+    """``x.reshape(...)`` as NumPy's, with the sizes a traced tensor's static shape leaves unknown (``None``:
+    ``x.reshape(x.shape[0], -1)`` under lm.export's batch of any size) taken at run time (``_known``)."""
+
+    def method(x, *shape, **kwargs):
+        target = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+        if any(d is None for d in target):
+            return reshape(x, _known(x, target), **kwargs)
+        return reshape(x, *shape, **kwargs)
+
+    method._lamina = True
+    return method
+
+
+def _known(x, shape) -> list:
+    """A reshape target without ``None`` (a size read from the static shape of a tensor traced with an axis
+    of unknown size): a single one becomes -1; where there are more (or a -1 besides), each ``None`` is the
+    run-time size of ``x``'s axis at its position, as in ``x.reshape(x.shape[0], -1)``, which keeps the
+    leading axes (and the -1 is worked out from the known sizes, so the result keeps a static shape)."""
+    if any(d is None for d in shape[len(x.shape):]):
+        raise ValueError(f"reshape: cannot tell the sizes of {tuple(shape)} for a tensor of shape {tuple(x.shape)} "
+                         "(None: unknown while tracing); use -1 for one axis, or sizes from tf.shape(x)")
+    if all(d is None or isinstance(d, int | np.integer) for d in shape):  # plain sizes (no tensors among them)
+        if sum(d is None for d in shape) == 1 and -1 not in shape:
+            return [-1 if d is None else d for d in shape]
+        kept = [x.shape[i] for i in range(len(x.shape)) if i >= len(shape) or shape[i] is not None]
+        if -1 in shape and None not in kept:
+            rest = math.prod(kept) // math.prod(d for d in shape if d is not None and d != -1)
+            shape = [rest if d == -1 else d for d in shape]
+    dynamic = tf.shape(x)
+    return [dynamic[i] if d is None else d for i, d in enumerate(shape)]
 
 
 def _vector_matmul(matmul, rmatmul):
@@ -558,9 +593,9 @@ class _Namespace:
 
     @staticmethod
     def reshape(x, /, shape, *, copy=None):
-        if None in shape and sum(d is None for d in shape) == 1:
-            # a size read from a symbolic tensor's static shape (an axis unknown while tracing): the inferred one
-            shape = [-1 if d is None else d for d in shape]
+        if isinstance(shape, tuple | list) and any(d is None for d in shape):  # sizes read from a traced tensor's
+            # static shape (an axis unknown while tracing)
+            shape = _known(x, shape)
         return tf.reshape(x, shape)
 
     @staticmethod
@@ -953,12 +988,17 @@ class TensorflowBackend(Backend):
 
     def scan(self, fn, carry, xs):
         """A ``tf.while_loop`` over the leading axis: one loop node under ``tf.function``, whatever the
-        length (a Python loop would unroll it)."""
+        length (a Python loop would unroll it).
+
+        The outputs are written into a ``TensorArray`` made from a zero tensor (``unstack``), not reserved
+        empty: TFLite lowers a reserved list only when its elements' shape is static, and with a batch of
+        any size (``lm.export(..., input_shape=(None, T, F))``) it is not."""
         length = xs.shape[0]  # static where known, so the stacked outputs keep a static time axis
         n = length if length is not None else tf.shape(xs)[0]
         carry, y0 = fn(carry, xs[0])
         flat = tf.nest.flatten(y0)
-        arrays = [tf.TensorArray(y.dtype, size=n, element_shape=y.shape).write(0, y) for y in flat]
+        arrays = [tf.TensorArray(y.dtype, size=n, element_shape=y.shape).unstack(
+            tf.zeros(tf.concat([[n], tf.shape(y)], 0), y.dtype)).write(0, y) for y in flat]
 
         def body(i, c, arrays):
             c, y = fn(c, xs[i])

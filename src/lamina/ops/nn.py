@@ -421,10 +421,13 @@ def recurrent(x, weights, state=None, kind: str = "lstm", bidirectional: bool = 
     xp = b.xp
     lstm = kind == "lstm"
     if state is None:
-        zeros = xp.zeros(expected, dtype=x.dtype)
+        unknown = x.shape[0] is None  # a batch of any size, as traced for lm.export: take it from x at run time
+        zeros = xp.zeros((expected[0], 1, hidden) if unknown else expected, dtype=x.dtype)
         device = b.device_of(x)
         if device != "cpu":
             zeros = b.to_device(zeros, device)
+        if unknown:
+            zeros = zeros + xp.zeros_like(x[:, :1, 0])[None]  # (layers, 1, H) + (1, N, 1)
         state = (zeros, zeros) if lstm else zeros
     else:
         if lstm:
