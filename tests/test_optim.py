@@ -119,3 +119,35 @@ def test_step_without_gradients_says_how_to_get_them(grad_backend):
     opt = lm.optim.SGD(lm.Linear(2, 2), lr=0.1)
     with pytest.raises(ValueError, match=r"no gradient for \['weight', 'bias'\]"):
         opt.step()
+
+
+def test_scalar_table_is_the_per_step_scalars_stacked():
+    """Compiled steps read their scalars from a table made for many updates at once; it must hold exactly
+    the numbers that ``scalars`` gives one update at a time (so a resumed or grouped run follows the same
+    trajectory), for the built-in optimizers and for a user's own (which only defines ``scalars``)."""
+
+    class Scaled(lm.optim.Optimizer):
+        slots = ()
+
+        def scalars(self, lr, step):
+            return np.array([lr, lr / step], np.float32)
+
+        def update(self, param, grad, state, scalars, xp):
+            return param - scalars[1] * grad, {}
+
+    class Plain(lm.optim.Optimizer):
+        slots = ()
+
+        def update(self, param, grad, state, scalars, xp):
+            return param - scalars[0] * grad, {}
+
+    lm.set_backend("numpy")
+    net = lm.Linear(2, 2)
+    lrs = list(np.linspace(1e-4, 3e-2, 3000))
+    for opt in (lm.optim.Adam(net, lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1), lm.optim.AdamW(net),
+                lm.optim.SGD(net, momentum=0.9), Scaled(net, lr=0.1), Plain(net, lr=0.1)):
+        for first in (1, 98765):
+            table = opt.scalar_table(lrs, first)
+            ref = np.stack([opt.scalars(lr, first + i) for i, lr in enumerate(lrs)])
+            assert table.dtype == np.float32
+            np.testing.assert_array_equal(table, ref, err_msg=type(opt).__name__)

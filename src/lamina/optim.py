@@ -112,6 +112,13 @@ class Optimizer:
         """The per-step scalars of update number ``step`` (counted from 1) as a float32 vector."""
         return np.array([lr], np.float32)
 
+    def scalar_table(self, lrs, first: int) -> np.ndarray:
+        """``scalars`` of the updates ``first, first + 1, ...`` with the learning rates ``lrs``, one row per
+        update (a compiled step reads its row; a subclass may compute it faster, with the same numbers)."""
+        if type(self).scalars is Optimizer.scalars:
+            return np.asarray(lrs, np.float32).reshape(-1, 1)
+        return np.stack([self.scalars(lr, first + i) for i, lr in enumerate(lrs)])
+
     def update(self, param, grad, state: dict, scalars, xp):
         """One parameter's update: returns ``(new_param, new_state)`` (``state``: ``{slot: array}``)."""
         raise NotImplementedError(f"{type(self).__name__} must define update(param, grad, state, scalars, xp)")
@@ -257,6 +264,14 @@ class Adam(Optimizer):
         b1, b2 = self.hyper["betas"]
         return np.array([lr, lr / (1 - b1**step), (1 - b2**step) ** 0.5, 1 - lr * self.hyper["weight_decay"]],
                         np.float32)
+
+    def scalar_table(self, lrs, first):
+        """``scalars`` for many updates at once: the same numbers (the powers in Python floats, as there)."""
+        b1, b2 = self.hyper["betas"]
+        steps = range(first, first + len(lrs))
+        lr = np.asarray(lrs, np.float64)
+        return np.stack([lr, lr / (1 - np.array([b1**t for t in steps])), np.array([(1 - b2**t) ** 0.5 for t in steps]),
+                         1 - lr * self.hyper["weight_decay"]], axis=1).astype(np.float32)
 
     def update(self, param, grad, state, scalars, xp):
         h = self.hyper

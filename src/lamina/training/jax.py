@@ -164,7 +164,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     def step_many(xs, ys, lrs):
         """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
         entries, buf_entries, params, bufs, consts, state = arguments()
-        table = np.stack([opt.scalars(lr, eng.count + 1 + i) for i, lr in enumerate(lrs)])
+        table = opt.scalar_table(lrs, eng.count + 1)
         params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)))
         carry_in(attrs, targets)
         if uses_keys[0] is None:
@@ -198,7 +198,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         data = jax.tree_util.tree_map(lambda a: on_device(a, order), (x, y))
         count0 = eng.count
         lrs = [lr_at(start + s) for s in range(len(sizes))]
-        table_np = np.stack([opt.scalars(lr, count0 + 1 + s) for s, lr in enumerate(lrs)])
+        table_np = opt.scalar_table(lrs, count0 + 1)
         table = jnp.asarray(table_np)
         # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
         # random numbers; not known before the first trace, so drawn then)

@@ -368,10 +368,11 @@ class _Scalars:
             prev = self.keys[(self.read - 1) % self.ROWS]
             steady = prev is not None and all(lr == prev[0] for lr in lrs)  # the learning rate did not change
             ahead = list(lrs) + [lrs[-1]] * (self.ROWS - len(lrs)) if steady else lrs
-        count, scalars = self.eng.count + 1, self.optimizer.scalars
-        for i, lr in enumerate(ahead[:self.ROWS]):
+        count, ahead = self.eng.count + 1, list(ahead[:self.ROWS])
+        table = self.optimizer.scalar_table(ahead, count)
+        for i, lr in enumerate(ahead):
             r = (self.read + i) % self.ROWS
-            self.host[r] = scalars(lr, count + i)
+            self.host[r] = table[i]
             self.keys[r] = (lr, count + i)
         self.values.assign(self.host)
 
