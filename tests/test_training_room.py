@@ -238,6 +238,7 @@ def test_jax_fit_groups_steps_only_where_a_step_is_fast(monkeypatch):
 
     for threshold, programs in ((0.0, 1), (10.0, 2)):  # never fast enough: one program; always: two
         monkeypatch.setattr(room, "GROUP_BELOW_S", threshold)
+        monkeypatch.setattr(room, "TRY_BELOW_S", threshold)  # no trial of a grouped call in between
         traces.clear()
         net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
         lm.fit(net, loss, lm.optim.Adam(net), _data(320), epochs=1, batch_size=8, progress=False)
@@ -268,3 +269,29 @@ def test_moving_the_model_carries_the_optimizer_state(src, dst):
     assert steps == 4
     for k in stayed:
         np.testing.assert_allclose(moved[k], stayed[k], rtol=2e-5, atol=1e-6)
+
+
+def test_grouping_is_chosen_from_measured_times():
+    """The compiled rooms time their first steps (the first compiles: its time is left out) and group 16
+    steps per call below 1 ms a step, never from 20 ms on, and in between only where a timed grouped call
+    beat single steps."""
+    from lamina.training.base import Grouping
+
+    def after(times, grouped=None):
+        g = Grouping(16, 1e-3, 20e-3)
+        for t in times:
+            assert g.k is None
+            g.single(t)
+        if grouped is not None:
+            assert g.trial
+            g.grouped(grouped)
+            assert not g.trial
+        return g
+
+    assert after([5.0, 4e-4, 9e-4, 3e-4]).k == 16 and not after([5.0, 4e-4, 9e-4, 3e-4]).trial
+    assert after([5.0, 0.03, 0.05, 0.04]).k == 1 and not after([5.0, 0.03, 0.05, 0.04]).trial
+    middle = [5.0, 2e-3, 3e-3, 4e-3]  # one step: 3 ms (the median of the last three)
+    assert after(middle).k == 1 and after(middle).trial
+    assert after(middle, grouped=16 * 2.5e-3).k == 16  # grouped: 2.5 ms a step
+    assert after(middle, grouped=16 * 2.99e-3).k == 1  # within 2%: not worth a second program's memory
+    assert after(middle, grouped=16 * 9e-3).k == 1  # convolutions inside a loop

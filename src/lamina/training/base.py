@@ -37,7 +37,7 @@ the user may still hold.
 
 from __future__ import annotations
 
-__all__ = ["state_keys", "pack_state", "call", "map_inputs", "input_leaves", "carry_out", "carry_in"]
+__all__ = ["state_keys", "pack_state", "call", "map_inputs", "input_leaves", "carry_out", "carry_in", "Grouping"]
 
 
 def call(model, x):
@@ -98,3 +98,31 @@ def carry_in(attrs: dict, targets: dict) -> None:
     for key, value in attrs.items():
         m, name = targets[key]
         m.__dict__[name] = value
+
+
+class Grouping:
+    """How many steps a compiled room runs per call in ``fit``, chosen from measurements, not a constant: the
+    first 4 single steps are timed (the first includes the compilation); below ``fast`` seconds a step,
+    ``group`` steps per call (the Python and dispatch around each call are a large share of such a step);
+    from ``slow`` on, one; in between, one until a call of ``group`` steps, compiled beforehand, has been
+    timed against them (XLA runs some ops, convolutions above all, several times slower inside a loop)."""
+
+    def __init__(self, group: int, fast: float, slow: float):
+        self.group, self.fast, self.slow = group, fast, slow
+        self.k = None  # None while the first steps are timed
+        self.trial = False  # whether a grouped call is still to be timed
+        self.times: list = []
+        self.one = None  # the time of one step
+
+    def single(self, seconds: float) -> None:
+        """Record the time of one single step (while ``k`` is None)."""
+        self.times.append(seconds)
+        if len(self.times) >= 4:
+            self.one = sorted(self.times[1:])[1]
+            self.k = self.group if self.one < self.fast else 1
+            self.trial = self.fast <= self.one < self.slow
+
+    def grouped(self, seconds: float) -> None:
+        """Record the time of one call of ``group`` steps: group from now on if it beats single steps."""
+        self.trial = False
+        self.k = self.group if seconds / self.group < 0.98 * self.one else 1

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import context, random
 from ..backends import get_backend
-from .base import call, carry_in, carry_out, pack_state
+from .base import Grouping, call, carry_in, carry_out, pack_state
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -26,10 +26,12 @@ __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 # ~10x a compiled call on op-heavy layers (a Transformer block: issue 9)
 COMPILE_INFERENCE = True
 
-# fit groups steps into one compiled call (lax.scan) only where a step is this fast: there the Python
-# around each call is a real share of the time; on larger models (convolutions above all, which XLA's CPU
-# backend runs several times slower inside a loop body) one step per call is as fast or faster.
+# fit groups GROUP steps into one compiled call (lax.scan) where a step takes less than GROUP_BELOW_S (there
+# the Python around each call is a real share of the time), never from TRY_BELOW_S on (convolutions, which
+# XLA's CPU backend runs several times slower inside a loop body), and in between where a timed grouped call
+# beats single steps (the 784-512-512-10 MLP: 1.03x the hand-written loop grouped, 0.93x one step per call)
 GROUP_BELOW_S = 1e-3
+TRY_BELOW_S = 20e-3
 GROUP = 16
 # fit copies an epoch's arrays to the device once, and gathers each batch inside the compiled step, when
 # they take at most this many bytes (else it cuts batches on the host and sends them one by one)
@@ -97,7 +99,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     uses_keys = [None]  # None until the first trace tells whether any layer draws random numbers
     targets: dict = {}  # attributes forward assigns (see base.carry_out), found while tracing
     fixed = {None: jnp.zeros((), jnp.uint32), "i0": jnp.zeros((), jnp.int32)}  # made once: no transfer per call
-    timing = {"k": None, "times": []}
+    timing = Grouping(GROUP, GROUP_BELOW_S, TRY_BELOW_S)
 
     def seeds(n=None):
         if uses_keys[0] is False:
@@ -204,7 +206,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         # random numbers; not known before the first trace, so drawn then)
         seeds_ = jnp.asarray(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
         entries, buf_entries, params, bufs, consts, state = arguments()
-        held = [params, bufs, state, fixed["i0"]]  # what the device holds now and the model does not show yet
+        first = jax.tree_util.tree_leaves(params)
+        i0 = _committed(fixed["i0"]) if not first else jax.device_put(fixed["i0"], next(iter(first[0].devices())))
+        held = [params, bufs, state, i0]  # what the device holds now and the model does not show yet
 
         def check_lrs(lo, hi):
             """A batch callback may have changed the learning rate: send the table again if it did."""
@@ -236,18 +240,27 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         try:
             while j < len(sizes):
                 size = sizes[j]
-                if k is None and timing["k"] is None:  # the first steps are timed, to choose the grouping
+                if k is None and timing.k is None:  # the first steps are timed, to choose the grouping
                     check_lrs(j, j + 1)
                     t0 = time.perf_counter()
                     loss, out, yb = call(size, 0)
                     jax.block_until_ready(loss)
-                    timing["times"].append(time.perf_counter() - t0)
-                    if len(timing["times"]) >= 4:  # the first includes the compilation
-                        timing["k"] = GROUP if sorted(timing["times"][1:])[1] < GROUP_BELOW_S else 1
+                    timing.single(time.perf_counter() - t0)
                     j += 1
                     yield loss, out, size, 1, yb
                     continue
-                kk = timing["k"] if k is None else k
+                if k is None and timing.trial and j + 2 * GROUP <= n_full:  # time a grouped call against them
+                    for timed_call in (False, True):  # the first compiles
+                        check_lrs(j, j + GROUP)
+                        t0 = time.perf_counter()
+                        losses = call(size, GROUP)[0]
+                        jax.block_until_ready(losses)
+                        if timed_call:
+                            timing.grouped(time.perf_counter() - t0)
+                        j += GROUP
+                        yield losses, None, size, GROUP, None
+                    continue
+                kk = timing.k if k is None else k
                 if not each and j < n_full:  # back to back, nothing to check between calls
                     losses, j0, until = [], j, time.perf_counter() + 0.1
                     p, b, st, i = held
@@ -302,20 +315,17 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     def timed(x, y, lr):
         """``step``, timed (with a wait for the result) on a few calls after the first, so that ``group``
         can tell whether grouping steps pays for this model."""
-        if timing["k"] is not None or compile is False:
+        if timing.k is not None or compile is False:
             return step(x, y, lr)
         t0 = time.perf_counter()
         loss, out = step(x, y, lr)
         jax.block_until_ready(loss)
-        times = timing["times"]
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 4:  # the first includes the compilation
-            timing["k"] = GROUP if sorted(times[1:])[1] < GROUP_BELOW_S else 1
+        timing.single(time.perf_counter() - t0)
         return loss, out
 
     def group(x) -> int:
         """How many steps fit should run per call: 1 until measured, then 16 for fast steps, else 1."""
-        return timing["k"] or 1
+        return timing.k or 1
 
     def convert(a):
         """A batch for the step: NumPy arrays are given to the compiled call as they are (it moves them to
@@ -466,12 +476,20 @@ def make_forward(model):
 
 
 def _copy_foreign(tree, owned: dict):
-    """``tree`` with every array that is not in ``owned`` (by id) replaced by a copy, made in one call."""
+    """``tree`` with every array that is not in ``owned`` (by id) replaced by a copy, made in one call, and
+    committed to its device (see ``_committed``)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     where = [i for i, a in enumerate(leaves) if owned.get(id(a)) is not a]
     for i, a in zip(where, _copy([leaves[i] for i in where])):
-        leaves[i] = a
+        leaves[i] = _committed(a)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _committed(a):
+    """``a`` committed to its device (the same buffer): a compiled step's outputs are committed, and jax
+    compiles a program again when an argument changes from uncommitted to committed (measured: a second
+    0.35 s compilation of the MLP's step on every model's first ``fit``)."""
+    return a if a.committed else jax.device_put(a, next(iter(a.devices())))
 
 
 @jax.jit

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from .. import context, random
 from ..backends import get_backend
-from .base import carry_in, carry_out, pack_state
+from .base import Grouping, carry_in, carry_out, pack_state
 
 __all__ = ["make_step", "engine"]
 
@@ -66,7 +66,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     batch = tf.Variable(tf.constant(0, tf.int64), trainable=False)  # the next batch of the epoch on the device
     lay: dict = {"v": None, "vars": None, "gen": None, "bufs": None}
     flags = {"keys": None, "xla_failed": False}  # keys: None until traced, then whether a layer draws keys
-    timing: dict = {"k": None, "times": [], "trial": False}
+    timing = Grouping(GROUP, GROUP_BELOW_S, TRY_BELOW_S)
 
     def layout():
         """The buffers; the compiled functions are made again when the parameters' variables or the
@@ -257,25 +257,26 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         j = 0
         while j < len(sizes):
             size = sizes[j]
-            if k is None and timing["k"] is None:  # the first steps are timed, to choose the grouping
+            if k is None and timing.k is None:  # the first steps are timed, to choose the grouping
                 t0 = time.perf_counter()
                 loss, out, yb = run(j, 0)
                 measure(loss, t0)
                 j += 1
                 yield loss, out, size, 1, yb
                 continue
-            if k is None and timing["trial"] and j + 2 * GROUP <= n_full:  # between the bounds: try grouping
+            if k is None and timing.trial and j + 2 * GROUP <= n_full:  # between the bounds: try grouping
                 losses = run(j, GROUP)[0]  # traced and compiled: not timed
+                losses.numpy()  # done before the timed call starts
                 j += GROUP
                 yield losses, None, size, GROUP, None
                 t0 = time.perf_counter()
                 losses = run(j, GROUP)[0]
                 losses.numpy()
-                timing.update(trial=False, k=GROUP if (time.perf_counter() - t0) / GROUP < 0.95 * timing["one"] else 1)
+                timing.grouped(time.perf_counter() - t0)
                 j += GROUP
                 yield losses, None, size, GROUP, None
                 continue
-            kk = min(timing["k"] if k is None else k, _Scalars.ROWS)  # at most what the scalars' ring holds
+            kk = min(timing.k if k is None else k, _Scalars.ROWS)  # at most what the scalars' ring holds
             if not each and j < n_full:  # back to back, nothing to check between calls
                 losses, j0, until = [], j, time.perf_counter() + 0.1
                 while j < n_full and (j == j0 or time.perf_counter() < until):
@@ -294,17 +295,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             yield loss, out, size, 1, yb
 
     def measure(loss, t0):
-        """Time a step (its first calls only) to choose the grouping: ``GROUP`` steps per call below
-        ``GROUP_BELOW_S``, one from ``TRY_BELOW_S`` on, and in between one until the epoch has timed a call
-        of ``GROUP`` steps against them (models whose ops XLA runs slower inside a loop, convolutions above
-        all, keep one step per call)."""
+        """Time one of the first steps, to choose the grouping (``base.Grouping``)."""
         loss.numpy()  # waits for the device (a GPU runs asynchronously)
-        times = timing["times"]
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 4:  # the first includes the tracing and compilation
-            one_step = sorted(times[1:])[1]
-            timing.update(k=GROUP if one_step < GROUP_BELOW_S else 1, one=one_step,
-                          trial=GROUP_BELOW_S <= one_step < TRY_BELOW_S)
+        timing.single(time.perf_counter() - t0)
 
     def on_device(a):
         """An epoch array on the model's device, converted as a batch would be (float64 as float32)."""
@@ -314,7 +307,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
     def timed(x, y, lr):
         """``step``, timed on its first calls (see ``measure``) when the model is compiled."""
-        if timing["k"] is not None or compile is False:
+        if timing.k is not None or compile is False:
             return step(x, y, lr)
         t0 = time.perf_counter()
         loss, out = step(x, y, lr)
@@ -323,7 +316,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
     timed.compiled = lambda: lay.get("fns", {}).get("single")  # tests count the traces through it
     timed.many = None if compile is False else step_many
-    timed.group = lambda x: timing["k"] or 1
+    timed.group = lambda x: timing.k or 1
     timed.epoch = epoch
     return timed
 
