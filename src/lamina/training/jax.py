@@ -335,7 +335,6 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         return model.convert_inputs(a)[0]
 
     timed.compiled = run  # exposed so tests can count compilations
-    timed.indexed = run_indexed
     timed.convert = convert if compile is not False else None
     timed.many = None if run_many is None else step_many
     timed.group = group
