@@ -45,6 +45,12 @@ WORKER = textwrap.dedent(r'''
         np.savez(os.path.join(out, f"{name}-{rank}.npz"),
                  **{k: v.detach().numpy() for k, v in model.state_dict().items()})
 
+    class SignSGD(lm.optim.Optimizer):  # its own rule, no torch.optim class: FSDP2 refuses it
+        slots = ()
+
+        def update(self, param, grad, state, scalars, xp):
+            return param - scalars[0] * xp.sign(grad), {}
+
     x, y = data()
     if scenario == "fit":
         model = net()
@@ -100,33 +106,52 @@ WORKER = textwrap.dedent(r'''
             opt5.step()
             opt5.zero_grad()
         dump("ddplm", m5)
-        # ... over FSDP2 it cannot: the gradients are on the DTensor shards, and it says so
-        m6 = net()
-        mod6 = lm.as_torch_module(m6)
-        fully_shard(mod6)
-        opt6 = lm.optim.SGD(m6, lr=0.05)
-        ((mod6(torch.from_numpy(x[:32])) - torch.from_numpy(y[:32])) ** 2).mean().backward()
+        # ... over FSDP2 it steps the module's DTensor shards, its state sharded with them: SGD with momentum from
+        # the first step; Adam after 2 steps under DDP, its full state distributed at the first sharded step
+        for name, make, ddp_steps in (("fsdplm", lambda m: lm.optim.SGD(m, lr=0.05, momentum=0.9), 0),
+                                      ("fsdpadam", lambda m: lm.optim.Adam(m, lr=0.01), 2)):
+            m6 = net()
+            opt6 = make(m6)
+            wrapped = torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m6))
+            for s in range(4):
+                if s == ddp_steps:
+                    del wrapped
+                    wrapped = lm.as_torch_module(m6)
+                    fully_shard(wrapped)
+                sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
+                loss = ((wrapped(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
+                loss.backward()
+                opt6.step()
+                opt6.zero_grad()
+            try:  # the state is sharded: gather_into_model first
+                opt6.state_dict()
+            except ValueError as e:
+                open(os.path.join(out, f"{name}-early-{rank}.txt"), "w").write(str(e))
+            wrapped.gather_into_model()
+            lm.save(m6, os.path.join(out, f"{name}-{rank}.safetensors"), optimizer=opt6)  # each rank, to compare
+        # an optimizer with its own rule cannot step the shards (DTensor cannot run it): a clear error; once the
+        # sharded module is gone it steps the model's own tensors again
+        m7 = net()
+        mod7 = lm.as_torch_module(m7)
+        fully_shard(mod7)
+        sign = SignSGD(m7, lr=0.05)
+        ((mod7(torch.from_numpy(x[:32])) - torch.from_numpy(y[:32])) ** 2).mean().backward()
         try:
-            opt6.step()
+            sign.step()
         except ValueError as e:
-            open(os.path.join(out, f"fsdp-lmoptim-{rank}.txt"), "w").write(str(e))
-        del mod6
-        gc.collect()  # the sharded module is gone: lm.optim steps the model again
-        lm.losses.mse(m6(x[:32]), y[:32]).backward()
-        opt6.step()
+            open(os.path.join(out, f"own-loop-{rank}.txt"), "w").write(str(e))
+        del mod7
+        gc.collect()
+        lm.losses.mse(m7(x[:32]), y[:32]).backward()
+        before = m7.state_dict()["0.weight"].detach().clone()
+        sign.step()
+        assert not torch.equal(before, m7.state_dict()["0.weight"])
     elif scenario == "mismatch":
         model = net(16 if rank == 0 else 12)
         try:
             lm.fit(model, lm.losses.mse, lm.optim.SGD(model, lr=0.05), (x, y), batch_size=32, progress=False)
         except ld.DistributedError as e:
             open(os.path.join(out, f"error-{rank}.txt"), "w").write(str(e))
-
-        class SignSGD(lm.optim.Optimizer):  # its own rule, no torch.optim class: FSDP2 in fit refuses it
-            slots = ()
-
-            def update(self, param, grad, state, scalars, xp):
-                return param - scalars[0] * xp.sign(grad), {}
-
         model = net()
         try:
             lm.fit(model, lm.losses.mse, SignSGD(model, lr=0.05), (x, y), batch_size=32, progress=False,
@@ -185,9 +210,10 @@ def _launch(tmp_path, scenario, world=2, timeout_env="60", wait=60):
     return [p.returncode for p in procs], outs
 
 
-def _reference(epochs_steps, lr=0.05, momentum=0.0):
+def _reference(epochs_steps, lr=0.05, momentum=0.0, adam=False):
     """1 process, batch 64, plain torch (no Lamina in the training): the same global batches. Returns the
-    parameters, the data and, with ``momentum``, torch.optim's momentum buffers."""
+    parameters, the data and, with ``momentum`` or ``adam`` (torch.optim.Adam with ``lr``), torch.optim's state
+    as ``{"<path>/<slot>": array}``."""
     import lamina as lm
 
     lm.set_backend("torch")
@@ -197,7 +223,8 @@ def _reference(epochs_steps, lr=0.05, momentum=0.0):
     g = np.random.default_rng(1)
     x = g.normal(size=(256, 8)).astype("float32")
     y = (x[:, :1] * 2 - x[:, 1:2] + 0.1 * g.normal(size=(256, 1))).astype("float32")
-    opt = torch.optim.SGD(list(w.values()), lr=lr, momentum=momentum)
+    opt = (torch.optim.Adam(list(w.values()), lr=lr) if adam
+           else torch.optim.SGD(list(w.values()), lr=lr, momentum=momentum))
     rng = np.random.default_rng(0)
     for order in epochs_steps(rng):
         for s in range(0, 256, 64):
@@ -207,10 +234,11 @@ def _reference(epochs_steps, lr=0.05, momentum=0.0):
             opt.zero_grad()
             ((out - yb) ** 2).mean().backward()
             opt.step()
-    if momentum:
-        return ({k: v.detach().numpy() for k, v in w.items()}, x, y,
-                {k: opt.state[v]["momentum_buffer"].numpy() for k, v in w.items()})
-    return {k: v.detach().numpy() for k, v in w.items()}, x, y
+    params = {k: v.detach().numpy() for k, v in w.items()}
+    if momentum or adam:
+        return params, x, y, {f"{k}/{slot}": torch.as_tensor(a).numpy() for k, v in w.items()
+                              for slot, a in opt.state[v].items()}
+    return params, x, y
 
 
 def test_two_ranks_batch_32_equal_one_process_batch_64(tmp_path):
@@ -239,7 +267,7 @@ def test_two_ranks_batch_32_equal_one_process_batch_64(tmp_path):
     assert h0["val_loss"][-1] == pytest.approx(val_loss(ref_fit), rel=1e-5)
     # fit with FSDP2 and SGD with momentum == plain torch with momentum, on both ranks; the model was
     # gathered at each epoch's end (val_loss of the current values) and the Checkpoint has the momentum
-    ref_m, _, _, bufs = _reference(lambda rng: [rng.permutation(256) for _ in range(2)], momentum=0.9)
+    ref_m, _, _, state_m = _reference(lambda rng: [rng.permutation(256) for _ in range(2)], momentum=0.9)
     for r in range(2):
         got = np.load(tmp_path / f"fitfsdp-{r}.npz")
         for k in ref_m:
@@ -256,11 +284,30 @@ def test_two_ranks_batch_32_equal_one_process_batch_64(tmp_path):
     state = opt.state_dict()
     for k in ref_m:
         np.testing.assert_allclose(m.state_dict()[k].detach().numpy(), ref_m[k], atol=1e-6, err_msg=k)
-        np.testing.assert_allclose(state[f"{k}/momentum_buffer"].numpy(), bufs[k], atol=1e-6, err_msg=k)
-    # lm.optim over FSDP2's shards: a clear error, not wrong numbers
-    for r in range(2):
-        msg = (tmp_path / f"fsdp-lmoptim-{r}.txt").read_text()
-        assert "FSDP2" in msg and "torch.optim over module.parameters()" in msg and "'0.weight'" in msg, msg
+        np.testing.assert_allclose(state[f"{k}/momentum_buffer"].numpy(), state_m[f"{k}/momentum_buffer"],
+                                   atol=1e-6, err_msg=k)
+    # a user's loop over fully_shard with lm.optim steps the shards: after gather_into_model the model and the
+    # state (momentum, Adam's moments and step) are those of plain torch, on both ranks; before it, state_dict
+    # says to call it
+    order = lambda rng: [np.arange(256)]  # noqa: E731 - the user loops: 4 unshuffled steps of 64
+    for name, (ref_u, _, _, state_u) in (("fsdplm", _reference(order, momentum=0.9)),
+                                         ("fsdpadam", _reference(order, lr=0.01, adam=True))):
+        for r in range(2):
+            m = lm.Sequential(lm.Linear(8, 16), lm.ReLU(), lm.Linear(16, 1))
+            opt = lm.optim.SGD(m, lr=0.05, momentum=0.9) if name == "fsdplm" else lm.optim.Adam(m, lr=0.01)
+            lm.load_into(m, tmp_path / f"{name}-{r}.safetensors", optimizer=opt)
+            got = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+            for k in ref_u:
+                np.testing.assert_allclose(got[k], ref_u[k], atol=1e-6, err_msg=f"{name} rank {r} {k}")
+            got = {k: v.numpy() for k, v in opt.state_dict().items()}
+            assert opt.steps == 4 and set(state_u) <= set(got), (opt.steps, sorted(got))
+            for k in state_u:
+                np.testing.assert_allclose(got[k], state_u[k], atol=1e-6, err_msg=f"{name} rank {r} {k}")
+            msg = (tmp_path / f"{name}-early-{r}.txt").read_text()
+            assert "sharded" in msg and "call module.gather_into_model() on every rank first" in msg, msg
+    for r in range(2):  # ... but not an optimizer with its own update rule
+        msg = (tmp_path / f"own-loop-{r}.txt").read_text()
+        assert "SignSGD.step(): parameter '0.weight' is trained as FSDP2 shards" in msg and "torch_class" in msg, msg
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors")) == ["ckpt-1.safetensors", "ckpt-2.safetensors"]
     # the sharded checkpoint of 2 ranks: 2 shards + the index, loads into 1 process (here, on jax too)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())

@@ -172,11 +172,9 @@ class Optimizer:
         """One update. ``grads``: ``{path: gradient}`` as from ``lm.value_and_grad``; without it, each
         parameter's ``.grad`` (on torch, filled by ``loss.backward()``)."""
         backend, entries = self._backend()
-        from .training.torch_module import sharded_elsewhere  # FSDP2 trains shards, not these tensors
+        from .training.torch_module import shard_entries  # under FSDP2's fully_shard: the module's shards
 
-        why = sharded_elsewhere(p for _, p in entries)
-        if why is not None:
-            raise ValueError(f"{type(self).__name__}.step(): {why}")
+        entries = shard_entries(self, entries, grads)
         if grads is None:
             grads = {k: p.grad for k, p in entries}
         missing = [k for k, _ in entries if grads.get(k) is None]
@@ -189,7 +187,9 @@ class Optimizer:
 
     def zero_grad(self) -> None:
         """Forget every parameter's gradient."""
-        for _, p in self.entries():
+        from .training.torch_module import shard_entries  # under FSDP2's fully_shard: the module's shards
+
+        for _, p in shard_entries(self, self.entries(), stepping=False):
             p.grad = None
 
     def state_dict(self) -> dict:

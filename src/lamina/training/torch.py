@@ -132,7 +132,9 @@ def _fused_agrees(cls, kwargs: dict, device) -> bool:
 
 
 class _TorchOptim:
-    """An ``lm.optim`` optimizer as its ``torch.optim`` class over the parameters' tensors."""
+    """An ``lm.optim`` optimizer as its ``torch.optim`` class over the parameters' tensors: the model's own, or
+    FSDP2's ``DTensor`` shards of them (``fit``'s FSDP2 path, ``training/torch_module.py``'s ``shard_entries``),
+    with the state laid out as the parameters (a shard each)."""
 
     def __init__(self, optimizer, backend):
         self.backend = backend
@@ -143,14 +145,15 @@ class _TorchOptim:
         self.names: list = []
         self.count = 0  # updates done (torch's SGD keeps no count of its own)
 
-    def _bind(self, entries):
-        """(Re)create the torch optimizer when the parameter tensors changed (first step, model.to(), ...),
-        carrying the state over by path."""
+    def _bind(self, entries, carry=True):
+        """(Re)create the torch optimizer when the parameter tensors changed (first step, model.to(), FSDP2
+        shards in place of the full tensors or back, ...), carrying the state over by path (``carry``): moved
+        onto shards it is distributed from rank 0's values, moved off them it is gathered whole, which are
+        collectives that every rank runs."""
         tensors = [p.value for _, p in entries]
-        if (self.opt is not None and len(tensors) == len(self.tensors)
-                and all(a is b for a, b in zip(tensors, self.tensors))):
+        if self._binds(tensors):
             return
-        carried = self._export() if self.opt is not None else {}
+        carried = self._export() if self.opt is not None and carry else {}
         kwargs = self.optimizer.torch_kwargs()
         fast = {"foreach": True}
         if tensors and all(t.dtype == torch.float32 for t in tensors) and _fused_agrees(self.cls, kwargs,
@@ -160,6 +163,21 @@ class _TorchOptim:
         self.tensors, self.names = tensors, [k for k, _ in entries]
         if carried:
             self._import(carried)
+
+    def _binds(self, tensors) -> bool:
+        return (self.opt is not None and len(tensors) == len(self.tensors)
+                and all(a is b for a, b in zip(tensors, self.tensors)))
+
+    def _check_whole(self, entries) -> None:
+        """The state leaves the engine whole only from ``gather_into_model`` (every rank at once), never by
+        gathering in ``state_dict`` (one rank alone would wait for the others until the timeout)."""
+        if (self.opt is not None and any(_sharded(t) for t in self.tensors)
+                and (entries is None or not self._binds([p.value for _, p in entries]))):
+            name = type(self.optimizer).__name__
+            raise ValueError(f"{name}'s state is sharded with the FSDP2 module's parameters (it last stepped their "
+                             "DTensor shards): call module.gather_into_model() on every rank first (it gathers the "
+                             f"parameters into the model and the state of {name} whole), then state_dict() or "
+                             "lm.save(model, path, optimizer=opt), on any rank")
 
     def step(self, entries, grads, lr):
         if self.opt is None or len(entries) != len(self.tensors) or any(
@@ -173,6 +191,11 @@ class _TorchOptim:
             group["lr"] = lr
         self.opt.step()
         self.count += 1
+
+    def rebind(self, entries) -> None:
+        """Bind to ``entries``, carrying the state over: gathered whole off DTensor shards, or distributed onto
+        them (collectives: every rank calls it, in the same order)."""
+        self._bind(entries)
 
     def _export(self):
         out = {}
@@ -206,19 +229,41 @@ class _TorchOptim:
                 v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v))
                 if slot == "momentum_buffer" and step == 0:
                     continue  # torch starts the buffer from the first gradient
-                st[slot] = v.to(device=t.device, dtype=t.dtype).clone()
+                st[slot] = _laid_out_as(v, t)
 
     def state_dict(self, entries):
+        self._check_whole(entries)
         self._bind(entries)
         return self._export()
 
     def export(self) -> dict:
         """The state as host arrays, without entries (the parameters may have left this backend)."""
+        self._check_whole(None)
         return {} if self.opt is None else {k: v.detach().cpu().numpy() for k, v in self._export().items()}
 
     def load_state_dict(self, entries, arrays):
-        self._bind(entries)
+        self._bind(entries, carry=False)
         self._import(arrays)
+
+
+def _sharded(t) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2's shard of a parameter)."""
+    return hasattr(t, "full_tensor")
+
+
+def _laid_out_as(v, t):
+    """A copy of state value ``v`` laid out as parameter ``t``: whole for a plain tensor (gathered from a
+    ``DTensor``), as ``t``'s shards of rank 0's values for a ``DTensor`` (distributed; kept as it is where ``v``
+    is sharded as ``t`` already). Gathering and distributing are collectives that every rank runs."""
+    if _sharded(t):
+        if _sharded(v) and v.device_mesh == t.device_mesh and v.placements == t.placements:
+            return v.to(dtype=t.dtype).clone()
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = v.full_tensor() if _sharded(v) else v
+        return distribute_tensor(whole.detach().to(device=t.device, dtype=t.dtype), t.device_mesh, t.placements)
+    whole = v.full_tensor() if _sharded(v) else v
+    return whole.detach().to(device=t.device, dtype=t.dtype).clone()
 
 
 _STEPPED = {"Adam": ("step",), "AdamW": ("step",)}  # torch classes that keep an update count in their state

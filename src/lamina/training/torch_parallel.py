@@ -19,8 +19,7 @@ import torch.distributed as dist
 from .. import context
 from ..backends import get_backend
 from ..distributed import DistributedError, Plan, check_same_model
-from .torch_dist import full_value
-from .torch_module import as_torch_module
+from .torch_module import _Sharded, as_torch_module
 
 __all__ = ["plan"]
 
@@ -124,7 +123,7 @@ class TorchPlan(Plan):
             """The model's values (rank 0's) into the shards, and the optimizer state with them."""
             module = made["module"]
             module.scatter_from_model()
-            _state_to_shards(eng, optimizer, module)
+            eng.rebind(_entries(module, optimizer, True))  # the engine distributes its state (torch.py)
             made["sharded"] = True
 
         def publish():
@@ -132,7 +131,7 @@ class TorchPlan(Plan):
             if made.get("sharded"):
                 module = made["module"]
                 module.gather_into_model()
-                _state_to_model(eng, optimizer, module)
+                eng.rebind(optimizer.entries())  # the engine gathers its state whole (torch.py)
                 made["sharded"] = False
 
         cache = [None, None]
@@ -167,56 +166,12 @@ class TorchPlan(Plan):
         return step
 
 
-class _Sharded:
-    """An ``(path, Parameter)``-like entry over a sharded torch parameter, for the optimizer engine."""
-
-    def __init__(self, t):
-        self._value = t
-
-    @property
-    def value(self):
-        return self._value
-
-    @property
-    def grad(self):
-        return self._value.grad
-
-    @grad.setter
-    def grad(self, g):
-        self._value.grad = g
-
-
 def _entries(module, optimizer, shard):
     entries = optimizer.entries()
     if not shard:
         return entries
     params = dict(module.named_parameters())
     return [(k, _Sharded(params[k])) for k, _ in entries]
-
-
-# The engine here is always torch.optim's (training/torch.py _TorchOptim: FSDP2 needs a torch_class), whose
-# load_state_dict takes tensors as they are: full ones, or DTensor shards.
-def _state_to_model(eng, optimizer, module) -> None:
-    """The engine's state over the shards, gathered whole and bound to the model's own tensors."""
-    state = eng.state_dict(_entries(module, optimizer, True))
-    eng.load_state_dict(optimizer.entries(), {k: full_value(v).detach() for k, v in state.items()})
-
-
-def _state_to_shards(eng, optimizer, module) -> None:
-    """The engine's state over the model's tensors, sharded as the module's parameters (rank 0's values)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    entries = optimizer.entries()
-    state = eng.state_dict(entries)
-    params = dict(module.named_parameters())
-    placed = {}
-    for key, v in state.items():
-        path, _, slot = key.rpartition("/")
-        d = params[path]
-        if slot != "step" and isinstance(d, DTensor):
-            v = distribute_tensor(v.detach(), d.device_mesh, d.placements)
-        placed[key] = v
-    eng.load_state_dict(_entries(module, optimizer, True), placed)
 
 
 def module_device(model):
