@@ -55,25 +55,24 @@ def main():
         import torch
 
         module = lm.as_torch_module(model)  # a torch.nn.Module sharing the model's tensors
-        if args.shard:  # FSDP2: the module trains DTensor shards, so the optimizer must be torch.optim's
+        if args.shard:  # FSDP2: the module trains DTensor shards; opt.step steps those (torch.optim would too)
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(module)
-            topt = torch.optim.Adam(module.parameters(), lr=1e-3)
-            forward, step, zero = module, topt.step, topt.zero_grad
-        else:  # DDP shares the model's tensors: an lm.optim optimizer steps them
-            forward, step, zero = torch.nn.parallel.DistributedDataParallel(module), opt.step, opt.zero_grad
+            forward = module
+        else:  # DDP shares the model's tensors: opt.step updates them in place
+            forward = torch.nn.parallel.DistributedDataParallel(module)
         rank, world = ld.rank(), ld.world_size()
         for epoch in range(args.epochs):
             order = np.random.default_rng(epoch).permutation(len(x))
             for idx in ld.shard_order(order, args.batch_size, rank, world):
                 loss = ((forward(torch.from_numpy(x[idx])) - torch.from_numpy(y[idx])) ** 2).mean()
                 loss.backward()
-                step()
-                zero()
+                opt.step()
+                opt.zero_grad()
             if ld.is_main():
                 print(f"epoch {epoch + 1}: last loss {float(loss.detach()):.4f}")
-        module.gather_into_model()  # after fully_shard: full values back into the model (every rank calls it)
+        module.gather_into_model()  # after fully_shard: the model and opt's state whole again (every rank calls it)
     else:
         parallel = None  # torch under torchrun: DDP by itself
         if args.backend == "jax" or args.shard:
