@@ -15,10 +15,11 @@ Candidates, per backend:
   jax jit+optax       jax.jit step with donated buffers and optax.adam (when optax is installed)
   jax jit+adam        the same with a hand-written Adam (always)
 
-Each candidate runs ``--steps`` steps per round over pre-made batches; rounds are interleaved, so machine
-noise hits all alike; the figure is the median time per step, and the ratios (steps per second of lamina
-over the best reference of its backend) are measured in the same run. For the MLP the share of the matmul
-roofline is printed, against a float32 matmul peak measured in the same process. The figures are noisy on
+Each workload and backend runs in a fresh process (torch's worker threads slowed jax loops run after them in
+one process by up to 2x). Each candidate runs ``--steps`` steps per round over pre-made batches; rounds are
+interleaved, so machine noise hits all alike; the figure is the median time per step, and the ratios (steps per
+second of lamina over the best reference of its backend) are measured in the same run. For the MLP the share
+of the matmul roofline is printed, against a float32 matmul peak measured in the same process. The figures are noisy on
 a shared machine; for stable ones pin a core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
 
 Run: python bench/train_step.py [--backends torch jax] [--workloads mlp tiny cnn] [--rounds 3] [--steps 32]
@@ -28,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -273,29 +277,50 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    ap.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)  # set for the inner processes
     args = ap.parse_args()
-    peak = matmul_peak()
-    print(f"float32 matmul peak (1024^3, NumPy BLAS): {peak:.0f} GFLOP/s")
-    rows = []
-    for name in args.workloads:
-        steps = args.steps * WORKLOADS[name]["steps"]
-        for backend in args.backends:
-            cands = lamina_candidates(backend, name, steps)
-            refs = torch_candidates(name, steps, args.compile) if backend == "torch" else jax_candidates(name, steps)
-            times = measure({**cands, **refs}, steps, args.rounds)
-            best = min(refs, key=times.get)
-            print(f"\n[{backend}] {name}   (best hand-written loop: {best})")
-            for k, t in times.items():
-                line = f"  {k:<20} {t * 1e3:9.3f} ms/step {1 / t:9.1f} steps/s"
-                if name == "mlp":
-                    line += f"  {mlp_flops_per_step() / t / 1e9 / peak:6.1%} of peak"
-                if k in cands:
-                    line += f"   {times[best] / t:.2f}x the best"
-                    rows.append((name, backend, k, times[best] / t))
-                print(line)
+    peak = args.peak or matmul_peak()
+    pairs = [(name, backend) for name in args.workloads for backend in args.backends]
+    if args.peak is None:
+        print(f"float32 matmul peak (1024^3, NumPy BLAS): {peak:.0f} GFLOP/s")
+    if len(pairs) > 1:  # each workload and backend in a fresh process (torch's worker threads, still busy after
+        rows = []       # its candidates, slowed the jax loops that ran after them in one process by up to 2x)
+        for name, backend in pairs:
+            cmd = [sys.executable, __file__, "--backends", backend, "--workloads", name, "--rounds", str(args.rounds),
+                   "--steps", str(args.steps), "--peak", str(peak)] + (["--compile"] if args.compile else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                if line.startswith("ROWS "):
+                    rows += [tuple(r) for r in json.loads(line[5:])]
+                elif not line.startswith("Summary") and not line.startswith("  " + name + " "):
+                    print(line)
+    else:
+        rows = run(*pairs[0], args, peak) if pairs else []
     print("\nSummary: steps per second, lamina / the best hand-written loop of its backend (target >= 1.0)")
     for name, backend, k, r in rows:
         print(f"  {name:<5} {backend:<6} {k:<16} {r:.2f}")
+    if args.peak is not None:
+        print("ROWS " + json.dumps(rows))
+
+
+def run(name, backend, args, peak) -> list:
+    """Measure one workload on one backend in this process; prints its section, returns its summary rows."""
+    rows = []
+    steps = args.steps * WORKLOADS[name]["steps"]
+    cands = lamina_candidates(backend, name, steps)
+    refs = torch_candidates(name, steps, args.compile) if backend == "torch" else jax_candidates(name, steps)
+    times = measure({**cands, **refs}, steps, args.rounds)
+    best = min(refs, key=times.get)
+    print(f"\n[{backend}] {name}   (best hand-written loop: {best})")
+    for k, t in times.items():
+        line = f"  {k:<20} {t * 1e3:9.3f} ms/step {1 / t:9.1f} steps/s"
+        if name == "mlp":
+            line += f"  {mlp_flops_per_step() / t / 1e9 / peak:6.1%} of peak"
+        if k in cands:
+            line += f"   {times[best] / t:.2f}x the best"
+            rows.append((name, backend, k, times[best] / t))
+        print(line)
+    return rows
 
 
 if __name__ == "__main__":
