@@ -141,11 +141,15 @@ def test_scalar_table_is_the_per_step_scalars_stacked():
         def update(self, param, grad, state, scalars, xp):
             return param - scalars[0] * grad, {}
 
+    class Frozen(lm.optim.Adam):  # Adam's update, its own scalars: the table must use them
+        def scalars(self, lr, step):
+            return np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+
     lm.set_backend("numpy")
     net = lm.Linear(2, 2)
     lrs = list(np.linspace(1e-4, 3e-2, 3000))
     for opt in (lm.optim.Adam(net, lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1), lm.optim.AdamW(net),
-                lm.optim.SGD(net, momentum=0.9), Scaled(net, lr=0.1), Plain(net, lr=0.1)):
+                lm.optim.SGD(net, momentum=0.9), Scaled(net, lr=0.1), Plain(net, lr=0.1), Frozen(net)):
         for first in (1, 98765):
             table = opt.scalar_table(lrs, first)
             ref = np.stack([opt.scalars(lr, first + i) for i, lr in enumerate(lrs)])

@@ -356,3 +356,72 @@ def test_torch_epoch_gathered_in_chunks_trains_on_the_same_batches(monkeypatch):
     for other in results[1:]:
         for k in results[0]:
             np.testing.assert_array_equal(other[k], results[0][k], err_msg=k)
+
+
+class _Holder(lm.Callback):
+    """Keeps every parameter value a batch callback can see, and at batch 2 loads zeros into the model."""
+
+    def __init__(self, model, zero_at=None):
+        self.model, self.zero_at, self.held, self.seen = model, zero_at, [], []
+
+    def on_batch_end(self, batch, logs):
+        values = {k: p.value for k, p in self.model.named_parameters()}
+        self.held.append(values)
+        self.seen.append(float(to_np(values["0.weight"]).sum()))
+        if batch == self.zero_at:
+            self.model.load_state_dict({k: np.zeros(to_np(v).shape, np.float32) for k, v in values.items()})
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 16])
+def test_batch_callbacks_see_each_step_hold_its_values_and_their_changes_stick(grad_backend, steps_per_call):
+    """A batch callback sees the model after its own step (not after a group of steps), may keep the values it
+    sees (a compiled step must not donate them), and a change it makes to the model is what training goes on
+    from (on jax the epoch used to step on from its own copy and publish it over the change)."""
+    x, y = blobs(400)
+    kw = {"steps_per_call": steps_per_call} if grad_backend == "jax" else {}
+    net = small_net()
+    cb = _Holder(net)
+    lm.fit(net, lm.losses.cross_entropy, lm.optim.Adam(net, lr=0.01), (x, y), epochs=1, batch_size=8,
+           callbacks=[cb], progress=False, **kw)
+    assert len(set(cb.seen)) == 50  # 50 steps, 50 different models seen
+    for values in cb.held:  # every value a callback kept is still readable
+        for v in values.values():
+            to_np(v)
+    net = small_net()
+    cb = _Holder(net, zero_at=2)
+    lm.fit(net, lm.losses.cross_entropy, lm.optim.SGD(net, lr=0.0), (x, y), epochs=1, batch_size=8,
+           callbacks=[cb], progress=False, **kw)
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(to_np(v), 0.0, err_msg=k)
+
+
+def test_an_interrupted_jax_epoch_counts_every_step_it_applied(monkeypatch):
+    """Ctrl-C during the steps that run back to back: the steps already applied are counted (the schedule and
+    a checkpoint use the count), as the optimizer state's own step count has them."""
+    if "jax" not in GRAD_BACKENDS:
+        pytest.skip("jax not selected")
+    import time as real_time
+
+    import lamina.training.jax as room
+
+    lm.set_backend("jax")
+    x, y = blobs(400)
+    net = small_net()
+    opt = lm.optim.Adam(net, lr=0.01)
+    lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=8, steps_per_call=1, progress=False)
+
+    class Clock:  # the loop reads the clock between steps: the 20th read is a Ctrl-C
+        reads = 0
+
+        @staticmethod
+        def perf_counter():
+            Clock.reads += 1
+            if Clock.reads == 20:
+                raise KeyboardInterrupt
+            return real_time.perf_counter()
+
+    monkeypatch.setattr(room, "time", Clock)
+    with pytest.raises(KeyboardInterrupt):
+        lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=8, steps_per_call=1, progress=False)
+    state_step = float(np.asarray(to_np(opt.state_dict()["0.weight/step"])).reshape(-1)[0])
+    assert 50 < opt.steps < 100 and opt.steps == state_step

@@ -267,6 +267,8 @@ class Adam(Optimizer):
 
     def scalar_table(self, lrs, first):
         """``scalars`` for many updates at once: the same numbers (the powers in Python floats, as there)."""
+        if type(self).scalars is not Adam.scalars:  # a subclass with its own scalars: stack those
+            return super().scalar_table(lrs, first)
         b1, b2 = self.hyper["betas"]
         steps = range(first, first + len(lrs))
         lr = np.asarray(lrs, np.float64)

@@ -462,14 +462,14 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     if plan is not None:
         step = plan.wrap(step, model, loss, optimizer, compile, bool(metrics))
     trainer.is_main = plan is None or plan.is_main
-    if getattr(step, "many", None) is None or metrics:
+    user_batch_end = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in callbacks)
+    if getattr(step, "many", None) is None or metrics or user_batch_end:  # a batch callback sees each step
         k = 1
     else:
         k = steps_per_call  # None: the step chooses from a measurement of its first calls
     forget = getattr(step, "forget", None)  # the step may not donate what the user could hold from now on
     if forget is not None:
         forget()
-    user_batch_end = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in callbacks)
     convert = getattr(step, "convert", None) or _converter(model)
     backend = get_backend(model.backend)
     for cb in callbacks:

@@ -224,6 +224,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 table = jnp.asarray(table_np)
 
         def call(size, kk):
+            nonlocal consts, entries, buf_entries
+            if sync:  # a batch callback ran since the last call: it may hold the published values (copied now,
+                # never donated) or have changed the model or the optimizer state (read again)
+                entries, buf_entries, held[0], held[1], consts, held[2] = arguments()
             p, b, st, i, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table, seeds_,
                                                              held[3], batch_size, size, kk)
             held[:] = [p, b, st, i]
@@ -264,7 +268,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 if not each and j < n_full:  # back to back, nothing to check between calls
                     losses, j0, until = [], j, time.perf_counter() + 0.1
                     p, b, st, i = held
-                    attrs = None
+                    attrs, finished = None, False
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else 0
@@ -272,9 +276,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                                                                          batch_size, batch_size, kk_)
                             losses.append(loss)
                             j += kk_ or 1
+                        finished = True
                     finally:  # what the device holds now, even when a call failed
                         held[:] = [p, b, st, i]
                         eng.count += j - j0
+                        if not finished:  # interrupted: these steps are never yielded, so fit cannot count them
+                            opt.steps += j - j0
                         if attrs:
                             carry_in(attrs, targets)
                         if uses_keys[0] is None and attrs is not None:

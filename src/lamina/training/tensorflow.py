@@ -279,10 +279,16 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             kk = min(timing.k if k is None else k, _Scalars.ROWS)  # at most what the scalars' ring holds
             if not each and j < n_full:  # back to back, nothing to check between calls
                 losses, j0, until = [], j, time.perf_counter() + 0.1
-                while j < n_full and (j == j0 or time.perf_counter() < until):
-                    kk_ = kk if kk > 1 and j + kk <= n_full else 0
-                    losses.append(run(j, kk_)[0])
-                    j += max(kk_, 1)
+                finished = False
+                try:
+                    while j < n_full and (j == j0 or time.perf_counter() < until):
+                        kk_ = kk if kk > 1 and j + kk <= n_full else 0
+                        losses.append(run(j, kk_)[0])
+                        j += max(kk_, 1)
+                    finished = True
+                finally:
+                    if not finished:  # interrupted: these steps are never yielded, so fit cannot count them
+                        optimizer.steps += j - j0
                 yield losses, None, batch_size, j - j0, None
                 continue
             if kk > 1 and j + kk <= n_full:
