@@ -425,3 +425,29 @@ def test_an_interrupted_jax_epoch_counts_every_step_it_applied(monkeypatch):
         lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=8, steps_per_call=1, progress=False)
     state_step = float(np.asarray(to_np(opt.state_dict()["0.weight/step"])).reshape(-1)[0])
     assert 50 < opt.steps < 100 and opt.steps == state_step
+
+
+def test_fit_traces_again_when_what_forward_reads_changes(grad_backend):
+    """A plain attribute forward reads (``self.scale``) or a layer without parameters added between two fits
+    changes what the step computes: a compiled step traces again (jax kept the first trace before)."""
+
+    class Scaled(lm.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.scale = lm.Linear(2, 3), 1.0
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    x, y = blobs(64)
+    net = Scaled()
+    opt = lm.optim.SGD(net, lr=0.0)  # nothing moves: fit's loss is the forward's loss
+    for scale in (1.0, 3.0):
+        net.scale = scale
+        h = lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=64, shuffle=False, progress=False)
+        assert h["loss"][0] == pytest.approx(lm.evaluate(net, lm.losses.cross_entropy, (x, y))["loss"], rel=1e-5)
+    net.body = lm.Sequential(net.body, lm.Dropout(0.9))  # now half the batches see different masks
+    h = lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=8, shuffle=False, progress=False,
+               callbacks=[rec := Record()])
+    assert len({round(v, 6) for _, v in rec.seen}) > 4  # a fresh mask per step, not one seed for all
+    assert h["loss"][0] != pytest.approx(lm.evaluate(net, lm.losses.cross_entropy, (x, y))["loss"], rel=1e-3)

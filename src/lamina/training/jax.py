@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import context, random
 from ..backends import get_backend
+from ..functional import _python_values
 from .base import Grouping, call, carry_in, carry_out, pack_state
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
@@ -45,7 +46,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     eng = optimizer.engine(get_backend(model.backend))
     opt = optimizer
 
-    def pure(params, bufs, consts, state, x, y, scalars, seed):
+    def pure(params, bufs, consts, state, x, y, scalars, seed, key=None):
         def f(ps):
             swap = {**consts, **bufs, **{paths[k]: v for k, v in ps.items()}}
             carried: list = []
@@ -62,7 +63,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         params, state = eng.update_all(grads, state, params, scalars)
         return params, {**bufs, **writes}, state, loss, (out if outputs else None), attrs
 
-    def many(params, bufs, consts, state, xs, ys, table, seeds):
+    def many(params, bufs, consts, state, xs, ys, table, seeds, key=None):
         """Steps over the leading axis of xs, ys, table and seeds, as one program: the same update per step."""
         def body(carry, batch):
             p, b, s, loss, _, attrs = pure(carry[0], carry[1], consts, carry[2], *batch)
@@ -71,7 +72,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         (params, bufs, state), (losses, attrs) = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
         return params, bufs, state, losses, _last(attrs)
 
-    def indexed(params, bufs, consts, state, data, table, seeds, i, full, size, k):
+    def indexed(params, bufs, consts, state, data, table, seeds, i, full, size, k, key=None):
         """Steps on batches sliced on the device from the epoch's arrays ``data`` = (x, y), already in the
         epoch's order: step ``i`` takes rows ``i * full : i * full + size``, with ``table[i]`` as its
         scalars and ``seeds[i]`` as its seed. ``k=0``: one step, with its outputs and targets; ``k>0``: ``k``
@@ -90,9 +91,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                                                                         length=k)
         return params, bufs, state, i, losses, None, None, _last(attrs)
 
-    run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3))
-    run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3))
-    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3), static_argnums=(8, 9, 10))
+    # ``key`` (static: see ``trace_key``) makes jax trace again when what forward reads besides the arrays changed
+    run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3), static_argnums=(8,))
+    run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3), static_argnums=(8,))
+    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3), static_argnums=(8, 9, 10, 11))
     paths: dict = {}  # optimizer name -> path in this model
     lay: dict = {"v": None}
     owned: dict = {}  # id -> array, for arrays this step produced and nobody else holds: safe to donate
@@ -120,10 +122,19 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             paths.clear()
             paths.update({k: where.get(id(p), k) for k, p in entries})
             rest = [(path, p) for path, p in all_entries if id(p) not in trainable]
+            modules = list(model.modules())
             lay.update(v=version, entries=entries, bufs=[(k, p) for k, p in rest if p.is_buffer],
-                       consts=[(k, p) for k, p in rest if not p.is_buffer])
+                       consts=[(k, p) for k, p in rest if not p.is_buffer], modules=modules,
+                       kinds=tuple(map(type, modules)))
             eng.ensure(entries)
         return lay["entries"], lay["bufs"], lay["consts"]
+
+    def trace_key() -> tuple:
+        """What a traced step read besides its arrays: the model's modules (a layer without parameters added
+        or removed), their modes and their plain Python attributes (``self.scale = 3.0``), as the compiled
+        forward of ``evaluate`` keys on them. Call after ``layout``."""
+        modules = lay["modules"]
+        return lay["kinds"], tuple(m.training for m in modules), _python_values([m.__dict__ for m in modules])
 
     def arguments():
         """The step's arguments from the model: values the step did not produce (so someone else may hold
@@ -155,7 +166,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     def step(x, y, lr):
         entries, buf_entries, params, bufs, consts, state = arguments()
         params, bufs, state, loss, out, attrs = run(params, bufs, consts, state, x, y,
-                                                    opt.scalars(lr, eng.count + 1), seeds())
+                                                    opt.scalars(lr, eng.count + 1), seeds(), trace_key())
         carry_in(attrs, targets)
         if uses_keys[0] is None:
             uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
@@ -167,7 +178,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
         entries, buf_entries, params, bufs, consts, state = arguments()
         table = opt.scalar_table(lrs, eng.count + 1)
-        params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)))
+        params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)),
+                                                      trace_key())
         carry_in(attrs, targets)
         if uses_keys[0] is None:
             uses_keys[0] = False
@@ -206,6 +218,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         # random numbers; not known before the first trace, so drawn then)
         seeds_ = jnp.asarray(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
         entries, buf_entries, params, bufs, consts, state = arguments()
+        key = trace_key()
         first = jax.tree_util.tree_leaves(params)
         i0 = _committed(fixed["i0"]) if not first else jax.device_put(fixed["i0"], next(iter(first[0].devices())))
         held = [params, bufs, state, i0]  # what the device holds now and the model does not show yet
@@ -223,13 +236,22 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             if changed:
                 table = jnp.asarray(table_np)
 
+        def fresh_seeds():
+            """A step traced again drew random numbers for the first time (a Dropout added since): from now on
+            each step gets its own seed, not the zeros of a model without randomness."""
+            nonlocal seeds_
+            if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
+                seeds_ = jnp.asarray(random.next_seeds(len(sizes)))
+
         def call(size, kk):
-            nonlocal consts, entries, buf_entries
+            nonlocal consts, entries, buf_entries, key
             if sync:  # a batch callback ran since the last call: it may hold the published values (copied now,
                 # never donated) or have changed the model or the optimizer state (read again)
                 entries, buf_entries, held[0], held[1], consts, held[2] = arguments()
+                key = trace_key()
             p, b, st, i, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table, seeds_,
-                                                             held[3], batch_size, size, kk)
+                                                             held[3], batch_size, size, kk, key)
+            fresh_seeds()
             held[:] = [p, b, st, i]
             if attrs:
                 carry_in(attrs, targets)
@@ -273,7 +295,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else 0
                             p, b, st, i, loss, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
-                                                                         batch_size, batch_size, kk_)
+                                                                         batch_size, batch_size, kk_, key)
+                            if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
+                                fresh_seeds()
                             losses.append(loss)
                             j += kk_ or 1
                         finished = True

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from .. import context, random
 from ..backends import get_backend
+from ..functional import _python_values
 from .base import Grouping, carry_in, carry_out, pack_state
 
 __all__ = ["make_step", "engine"]
@@ -77,12 +78,21 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             eng.ensure(entries)
             variables = tuple(p.value for _, p in entries)
             bufs = list(model.named_buffers())
+            modules = list(model.modules())
             if lay["vars"] is None or eng.generation != lay["gen"] or bool(bufs) != bool(lay["bufs"]) or len(
                     variables) != len(lay["vars"]) or any(a is not b for a, b in zip(variables, lay["vars"])):
-                lay["fns"] = _programs(variables, [eng.slots_of(k, p) for k, p in entries], bool(bufs))
-                flags["keys"] = None  # a new model may draw random numbers where the old one did not
+                lay["fns"] = None
             lay.update(v=(context.structure_version(), eng.generation), gen=eng.generation, vars=variables,
-                       bufs=bufs)
+                       bufs=bufs, entries=entries, modules=modules)
+        # what a trace read besides the variables: the modules, their modes, their plain attributes
+        # (``self.scale = 3.0``); a change makes the programs again, as jax's step traces again
+        modules = lay["modules"]
+        key = (tuple(map(type, modules)), tuple(m.training for m in modules),
+               _python_values([m.__dict__ for m in modules]))
+        if lay["fns"] is None or key != lay.get("key"):
+            lay["fns"] = _programs(lay["vars"], [eng.slots_of(k, p) for k, p in lay["entries"]], bool(lay["bufs"]))
+            flags["keys"] = None  # a new model may draw random numbers where the old one did not
+            lay["key"] = key
         return lay["bufs"]
 
     def _programs(variables, slots, has_bufs):
