@@ -146,3 +146,13 @@ def test_bad_arguments_and_inputs(backend):
     conv(inputs("x", (1, 3, 5, 5)))
     with pytest.raises(lm.ShapeError, match=r"\(Conv2d\) expected input \(N, 3, \.\.\.\)"):
         conv(inputs("x", (1, 2, 5, 5)))
+
+
+def test_attention_over_an_empty_sequence_gives_an_empty_output(backend):
+    """Found by the fuzz test: NumPy's max over an empty axis has no identity, so softmax over no keys raised."""
+    lm.manual_seed(0)
+    m = lm.MultiHeadAttention(8, 2)
+    m(np.zeros((1, 3, 8), np.float32))
+    out = m(np.zeros((0, 0, 8), np.float32))
+    out = out[0] if isinstance(out, tuple) else out
+    assert tuple(out.shape) == (0, 0, 8)

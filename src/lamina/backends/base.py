@@ -178,6 +178,8 @@ class Backend:
 
     def softmax(self, x, axis: int = -1):
         xp = self.xp
+        if x.shape[axis] == 0:  # nothing to normalise (attention over no keys): NumPy's max has no identity
+            return x
         e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
         return e / xp.sum(e, axis=axis, keepdims=True)
 
