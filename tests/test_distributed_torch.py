@@ -62,28 +62,24 @@ WORKER = textwrap.dedent(r'''
         dump("fit", model)
         ld.save_sharded(model, os.path.join(out, "sharded"), optimizer=opt)
         json.dump(h.history, open(os.path.join(out, f"history-{rank}.json"), "w"))
-        # a user's own loop: DDP over the adapter with torch.optim, and FSDP2 with lm.optim
+        def own_loop(forward, opt, steps=range(4)):
+            """A user's own loop: batch 32 per rank, this rank's rows of each global batch of 64."""
+            for s in steps:
+                sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
+                ((forward(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+        # a user's own loop: DDP over the adapter with torch.optim, and FSDP2 with torch.optim
         m2 = net()
         ddp = torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m2))
-        topt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        for s in range(4):
-            sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
-            topt.zero_grad()
-            loss = ((ddp(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
-            loss.backward()
-            topt.step()
+        own_loop(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05))
         dump("ddp", m2)
         from torch.distributed.fsdp import fully_shard
         m3 = net()
         mod = lm.as_torch_module(m3)
         fully_shard(mod)
-        fopt = torch.optim.SGD(mod.parameters(), lr=0.05)
-        for s in range(4):
-            sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
-            fopt.zero_grad()
-            loss = ((mod(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
-            loss.backward()
-            fopt.step()
+        own_loop(mod, torch.optim.SGD(mod.parameters(), lr=0.05))
         mod.gather_into_model()
         dump("fsdp", m3)
         # lm.fit with FSDP2 (shard_params=True), SGD with momentum: the momentum buffers are sharded with the
@@ -98,13 +94,7 @@ WORKER = textwrap.dedent(r'''
         # a user's own loop with lm.optim: over DDP it steps the model's tensors, which DDP shares
         m5 = net()
         ddp5 = torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m5))
-        opt5 = lm.optim.SGD(m5, lr=0.05)
-        for s in range(4):
-            sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
-            loss = ((ddp5(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
-            loss.backward()
-            opt5.step()
-            opt5.zero_grad()
+        own_loop(ddp5, lm.optim.SGD(m5, lr=0.05))
         dump("ddplm", m5)
         # ... over FSDP2 it steps the module's DTensor shards, its state sharded with them: SGD with momentum from
         # the first step; Adam after 2 steps under DDP, its full state distributed at the first sharded step
@@ -112,17 +102,10 @@ WORKER = textwrap.dedent(r'''
                                       ("fsdpadam", lambda m: lm.optim.Adam(m, lr=0.01), 2)):
             m6 = net()
             opt6 = make(m6)
-            wrapped = torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m6))
-            for s in range(4):
-                if s == ddp_steps:
-                    del wrapped
-                    wrapped = lm.as_torch_module(m6)
-                    fully_shard(wrapped)
-                sl = slice(s * 64 + rank * 32, s * 64 + rank * 32 + 32)
-                loss = ((wrapped(torch.from_numpy(x[sl])) - torch.from_numpy(y[sl])) ** 2).mean()
-                loss.backward()
-                opt6.step()
-                opt6.zero_grad()
+            own_loop(torch.nn.parallel.DistributedDataParallel(lm.as_torch_module(m6)), opt6, range(ddp_steps))
+            wrapped = lm.as_torch_module(m6)
+            fully_shard(wrapped)
+            own_loop(wrapped, opt6, range(ddp_steps, 4))
             try:  # the state is sharded: gather_into_model first
                 opt6.state_dict()
             except ValueError as e:
