@@ -16,7 +16,8 @@ A room is a module (``training/torch.py``, ``training/jax.py``) with two functio
     attribute: ``fit`` cuts the batches itself), and ``step.group(x) -> int``: how many steps ``fit`` should
     group per call for batches like ``x`` (1: no grouping), ``step.convert(a)``: how ``fit`` should hand
     it a batch (default: the model's own input conversion), and ``step.forget()``: from now on, treat every
-    current value as held by the user (``fit`` calls it where user code may have run). The update of a
+    current value as held by the user, and look again at what forward reads besides the arrays (``fit``
+    calls it where user code may have run). The update of a
     step is the one that ``optimizer.update`` states (or its ``torch_class``), as ``engine`` applies it.
 
 ``engine(optimizer, backend) -> Engine``

@@ -66,7 +66,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     seed = tf.Variable(tf.zeros(2, tf.int64), trainable=False)  # the dropout seed of the next call
     batch = tf.Variable(tf.constant(0, tf.int64), trainable=False)  # the next batch of the epoch on the device
     lay: dict = {"v": None, "vars": None, "gen": None, "bufs": None}
-    flags = {"keys": None, "xla_failed": False}  # keys: None until traced, then whether a layer draws keys
+    # keys: None until traced, then whether a layer draws keys; stale: user code ran since the last layout
+    flags = {"keys": None, "xla_failed": False, "stale": True}
     timing = Grouping(GROUP, GROUP_BELOW_S, TRY_BELOW_S)
 
     def layout():
@@ -85,14 +86,18 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             lay.update(v=(context.structure_version(), eng.generation), gen=eng.generation, vars=variables,
                        bufs=bufs, entries=entries, modules=modules)
         # what a trace read besides the variables: the modules, their modes, their plain attributes
-        # (``self.scale = 3.0``); a change makes the programs again, as jax's step traces again
-        modules = lay["modules"]
-        key = (tuple(map(type, modules)), tuple(m.training for m in modules),
-               _python_values([m.__dict__ for m in modules]))
-        if lay["fns"] is None or key != lay.get("key"):
-            lay["fns"] = _programs(lay["vars"], [eng.slots_of(k, p) for k, p in lay["entries"]], bool(lay["bufs"]))
-            flags["keys"] = None  # a new model may draw random numbers where the old one did not
-            lay["key"] = key
+        # (``self.scale = 3.0``); a change makes the programs again, as jax's step traces again. Looked at
+        # only after the structure changed or user code ran (``forget``)
+        if lay["fns"] is None or flags["stale"]:
+            modules = lay["modules"]
+            key = (tuple(map(type, modules)), tuple(m.training for m in modules),
+                   _python_values([m.__dict__ for m in modules]))
+            if lay["fns"] is None or key != lay.get("key"):
+                lay["fns"] = _programs(lay["vars"], [eng.slots_of(k, p) for k, p in lay["entries"]],
+                                       bool(lay["bufs"]))
+                flags["keys"] = None  # a new model may draw random numbers where the old one did not
+                lay["key"] = key
+            flags["stale"] = False
         return lay["bufs"]
 
     def _programs(variables, slots, has_bufs):
@@ -333,6 +338,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     timed.compiled = lambda: lay.get("fns", {}).get("single")  # tests count the traces through it
     timed.many = None if compile is False else step_many
     timed.group = lambda x: timing.k or 1
+    timed.forget = lambda: flags.update(stale=True)  # fit calls it where user code ran
     timed.epoch = epoch
     return timed
 
