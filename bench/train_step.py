@@ -15,12 +15,12 @@ Candidates, per backend:
   jax jit+optax       jax.jit step with donated buffers and optax.adam (when optax is installed)
   jax jit+adam        the same with a hand-written Adam (always)
 
-Each workload and backend runs in a fresh process (torch's worker threads slowed jax loops run after them in
-one process by up to 2x). Each candidate runs ``--steps`` steps per round over pre-made batches; rounds are
-interleaved, so machine noise hits all alike; the figure is the median time per step, and the ratios (steps per
-second of lamina over the best reference of its backend) are measured in the same run. For the MLP the share
-of the matmul roofline is printed, against a float32 matmul peak measured in the same process. The figures are noisy on
-a shared machine; for stable ones pin a core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
+Each workload and backend runs in a fresh process, as issue 13's measurements did. Each candidate runs
+``--steps`` steps per round over pre-made batches; rounds are interleaved, so machine noise hits all alike;
+the figure is the median time per step, and the ratios (steps per second of lamina over the best reference of
+its backend) are measured in the same run. For the MLP the share of the matmul roofline is printed, against a
+float32 matmul peak measured in the same process. The figures are noisy on a shared machine; for stable ones
+pin a core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
 
 Run: python bench/train_step.py [--backends torch jax] [--workloads mlp tiny cnn] [--rounds 3] [--steps 32]
 """
@@ -283,8 +283,8 @@ def main():
     pairs = [(name, backend) for name in args.workloads for backend in args.backends]
     if args.peak is None:
         print(f"float32 matmul peak (1024^3, NumPy BLAS): {peak:.0f} GFLOP/s")
-    if len(pairs) > 1:  # each workload and backend in a fresh process (torch's worker threads, still busy after
-        rows = []       # its candidates, slowed the jax loops that ran after them in one process by up to 2x)
+    if len(pairs) > 1:  # each workload and backend in a fresh process: no thread pool or allocator state
+        rows = []       # left over from another framework's candidates
         for name, backend in pairs:
             cmd = [sys.executable, __file__, "--backends", backend, "--workloads", name, "--rounds", str(args.rounds),
                    "--steps", str(args.steps), "--peak", str(peak)] + (["--compile"] if args.compile else [])
