@@ -451,3 +451,32 @@ def test_fit_traces_again_when_what_forward_reads_changes(grad_backend):
                callbacks=[rec := Record()])
     assert len({round(v, 6) for _, v in rec.seen}) > 4  # a fresh mask per step, not one seed for all
     assert h["loss"][0] != pytest.approx(lm.evaluate(net, lm.losses.cross_entropy, (x, y))["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 1])
+def test_a_second_fit_on_other_arrays_of_the_same_shape_trains_on_them(grad_backend, steps_per_call):
+    """The step keeps its buffers between fits (jax: the shuffled rows on the host, the loss vector): a second
+    fit on new arrays must train on the new rows, as a fresh model and optimizer resumed from the same state
+    do (those have buffers of their own)."""
+    (x1, y1), (x2, y2) = blobs(96, seed=1), blobs(96, seed=2)
+    kw = {"batch_size": 8, "progress": False, "seed": 3}
+    if grad_backend == "jax":
+        kw["steps_per_call"] = steps_per_call
+    lm.manual_seed(0)
+    net = small_net()
+    opt = lm.optim.Adam(net, lr=0.01)
+    lm.fit(net, lm.losses.cross_entropy, opt, (x1, y1), **kw)
+    weights, state = ({k: to_np(v).copy() for k, v in d.items()} for d in (net.state_dict(), opt.state_dict()))
+    steps = opt.steps
+    h = lm.fit(net, lm.losses.cross_entropy, opt, (x2, y2), **kw)["loss"]
+
+    lm.manual_seed(0)
+    fresh = small_net()
+    fresh.ensure_built(x1[:8])
+    fresh.load_state_dict(weights)
+    fresh_opt = lm.optim.Adam(fresh, lr=0.01)
+    fresh_opt.load_state_dict(state, steps=steps)
+    h_fresh = lm.fit(fresh, lm.losses.cross_entropy, fresh_opt, (x2, y2), **kw)["loss"]
+    np.testing.assert_allclose(h, h_fresh, rtol=1e-6)
+    for key, v in fresh.state_dict().items():
+        np.testing.assert_allclose(to_np(net.state_dict()[key]), to_np(v), rtol=1e-6, atol=1e-7)

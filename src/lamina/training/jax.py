@@ -37,6 +37,8 @@ GROUP = 16
 # fit copies an epoch's arrays to the device once, and gathers each batch inside the compiled step, when
 # they take at most this many bytes (else it cuts batches on the host and sends them one by one)
 EPOCH_ON_DEVICE_BYTES = 1 << 30
+# and shuffles NumPy arrays into a host buffer kept for the next epoch when an array is at most this size
+HOST_BUFFER_BYTES = 256 << 20
 
 
 def make_step(model, loss_fn, optimizer, compile, outputs=True):
@@ -72,12 +74,13 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         (params, bufs, state), (losses, attrs) = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
         return params, bufs, state, losses, _last(attrs)
 
-    def indexed(params, bufs, consts, state, data, table, seeds, i, full, size, k, key=None):
+    def indexed(params, bufs, consts, state, data, table, seeds, i, losses, full, size, k, key=None):
         """Steps on batches sliced on the device from the epoch's arrays ``data`` = (x, y), already in the
         epoch's order: step ``i`` takes rows ``i * full : i * full + size``, with ``table[i]`` as its
-        scalars and ``seeds[i]`` as its seed. ``k=0``: one step, with its outputs and targets; ``k>0``: ``k``
-        steps as one scan, returning their losses. Returns the new ``i`` too, so the host never sends a step
-        index."""
+        scalars and ``seeds[i]`` as its seed, and writes its loss to ``losses[i]`` (the epoch's losses, read
+        back in one transfer rather than one per step: ~1 us a step). ``k=0``: one step, with its loss,
+        outputs and targets; ``k>0``: ``k`` steps as one scan, returning their losses. Returns the new ``i``
+        and ``losses`` too, so the host never sends a step index."""
         def one(carry, _):
             p, b, s, j = carry
             xb, yb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, j * full, size), data)
@@ -85,24 +88,27 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             return (p, b, s, j + 1), (loss, out, yb, attrs)
 
         if k == 0:
-            (params, bufs, state, i), (loss, out, yb, attrs) = one((params, bufs, state, i), None)
-            return params, bufs, state, i, loss, out, (yb if outputs else None), attrs
-        (params, bufs, state, i), (losses, _, _, attrs) = jax.lax.scan(one, (params, bufs, state, i), None,
-                                                                        length=k)
-        return params, bufs, state, i, losses, None, None, _last(attrs)
+            (params, bufs, state, j), (loss, out, yb, attrs) = one((params, bufs, state, i), None)
+            losses = jax.lax.dynamic_update_slice_in_dim(losses, loss[None].astype(losses.dtype), i, 0)
+            return params, bufs, state, j, losses, loss, out, (yb if outputs else None), attrs
+        (params, bufs, state, j), (loss, _, _, attrs) = jax.lax.scan(one, (params, bufs, state, i), None, length=k)
+        losses = jax.lax.dynamic_update_slice_in_dim(losses, loss.astype(losses.dtype), i, 0)
+        return params, bufs, state, j, losses, loss, None, None, _last(attrs)
 
     # ``key`` (static: see ``trace_key``) makes jax trace again when what forward reads besides the arrays changed
     run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3), static_argnums=(8,))
     run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3), static_argnums=(8,))
-    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3), static_argnums=(8, 9, 10, 11))
+    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3, 8), static_argnums=(9, 10, 11, 12))
     paths: dict = {}  # optimizer name -> path in this model
     lay: dict = {"v": None}
     owned: dict = {}  # id -> array, for arrays this step produced and nobody else holds: safe to donate
     uses_keys = [None]  # None until the first trace tells whether any layer draws random numbers
     targets: dict = {}  # attributes forward assigns (see base.carry_out), found while tracing
-    fixed = {None: jnp.zeros((), jnp.uint32), "i0": jnp.zeros((), jnp.int32)}  # made once: no transfer per call
+    fixed = {None: jnp.zeros((), jnp.uint32)}  # made once: no transfer per call
     timing = Grouping(GROUP, GROUP_BELOW_S, TRY_BELOW_S)
     stale = [True]  # user code may have changed what forward reads since trace_key last looked
+    host: dict = {}  # input slot -> [host buffer of the epoch's rows, the last epoch's final loss vector]
+    spare: dict = {}  # length -> the last epoch's loss vector, for the next epoch to write over
 
     def seeds(n=None):
         if uses_keys[0] is False:
@@ -215,19 +221,26 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         n_full, rem = divmod(n, batch_size)
         sizes = [batch_size] * n_full + ([rem] if rem else [])
         # the rows in the epoch's order, once: a gather inside each step costs ~7 us per step
-        data = jax.tree_util.tree_map(lambda a: on_device(a, order), (x, y))
+        leaves, tree = jax.tree_util.tree_flatten((x, y))
+        data = jax.tree_util.tree_unflatten(tree, [on_device(a, order, slot) for slot, a in enumerate(leaves)])
         count0 = eng.count
         lrs = [lr_at(start + s) for s in range(len(sizes))]
-        table_np = opt.scalar_table(lrs, count0 + 1)
-        table = jnp.asarray(table_np)
-        # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
-        # random numbers; not known before the first trace, so drawn then)
-        seeds_ = jnp.asarray(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
         entries, buf_entries, params, bufs, consts, state = arguments()
         key = trace_key()
         first = jax.tree_util.tree_leaves(params)
-        i0 = _committed(fixed["i0"]) if not first else jax.device_put(fixed["i0"], next(iter(first[0].devices())))
-        held = [params, bufs, state, i0]  # what the device holds now and the model does not show yet
+        device = next(iter(first[0].devices())) if first else None
+        put = lambda a: _committed(jax.device_put(a, device))  # noqa: E731  (jnp.asarray: ~7x the time)
+        table_np = opt.scalar_table(lrs, count0 + 1)
+        table = put(table_np)
+        # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
+        # random numbers; not known before the first trace, so drawn then)
+        seeds_ = put(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
+        if ("i0", device) not in fixed:  # never donated: one for every epoch
+            fixed["i0", device] = put(np.zeros((), np.int32))
+        # the loss vector: the last epoch's when it has the length (the steps overwrite it), else a new one
+        losses0 = spare.pop(len(sizes), None)
+        losses0 = put(np.zeros(len(sizes), np.float32)) if losses0 is None else losses0
+        held = [params, bufs, state, fixed["i0", device], losses0]  # what the device holds, the model does not show
 
         def check_lrs(lo, hi):
             """A batch callback may have changed the learning rate: send the table again if it did."""
@@ -240,14 +253,14 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     table_np[s] = opt.scalars(lr, count0 + 1 + s)
                     changed = True
             if changed:
-                table = jnp.asarray(table_np)
+                table = put(table_np)
 
         def fresh_seeds():
             """A step traced again drew random numbers for the first time (a Dropout added since): from now on
             each step gets its own seed, not the zeros of a model without randomness."""
             nonlocal seeds_
             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
-                seeds_ = jnp.asarray(random.next_seeds(len(sizes)))
+                seeds_ = put(random.next_seeds(len(sizes)))
 
         def call(size, kk):
             nonlocal consts, entries, buf_entries, key
@@ -255,10 +268,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 # never donated) or have changed the model or the optimizer state (read again)
                 entries, buf_entries, held[0], held[1], consts, held[2] = arguments()
                 key = trace_key()
-            p, b, st, i, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table, seeds_,
-                                                             held[3], batch_size, size, kk, key)
+            p, b, st, i, lv, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table,
+                                                                 seeds_, held[3], held[4], batch_size, size, kk, key)
             fresh_seeds()
-            held[:] = [p, b, st, i]
+            held[:] = [p, b, st, i, lv]
             if attrs:
                 carry_in(attrs, targets)
             if uses_keys[0] is None:
@@ -294,21 +307,20 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     continue
                 kk = timing.k if k is None else k
                 if not each and j < n_full:  # back to back, nothing to check between calls
-                    losses, j0, until = [], j, time.perf_counter() + 0.1
-                    p, b, st, i = held
+                    j0, until = j, time.perf_counter() + 0.1
+                    p, b, st, i, lv = held
                     attrs, finished = None, False
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else 0
-                            p, b, st, i, loss, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
-                                                                         batch_size, batch_size, kk_, key)
+                            p, b, st, i, lv, _, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
+                                                                          lv, batch_size, batch_size, kk_, key)
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
-                            losses.append(loss)
                             j += kk_ or 1
                         finished = True
                     finally:  # what the device holds now, even when a call failed
-                        held[:] = [p, b, st, i]
+                        held[:] = [p, b, st, i, lv]
                         eng.count += j - j0
                         if not finished:  # interrupted: these steps are never yielded, so fit cannot count them
                             opt.steps += j - j0
@@ -316,7 +328,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                             carry_in(attrs, targets)
                         if uses_keys[0] is None and attrs is not None:
                             uses_keys[0] = False
-                    yield losses, None, batch_size, j - j0, None
+                    # the steps' losses in one copy (never a view: the next step donates the vector)
+                    yield np.array(lv)[j0:j], None, batch_size, j - j0, None
                     continue
                 if kk > 1 and j + kk <= n_full:
                     check_lrs(j, j + kk)
@@ -331,19 +344,44 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         finally:
             if not sync:
                 publish(entries, buf_entries, *held[:3])
+            for slot in host:  # the steps that read these buffers wrote this last
+                host[slot][1] = held[4]
+            spare.clear()
+            spare[len(sizes)] = held[4]
 
     def leaves_rows(a):
         return jax.tree_util.tree_leaves(a)[0].shape[0]
 
-    def on_device(a, order):
+    def on_device(a, order, slot):
         """An epoch array on the model's device, converted as a batch would be (float64 as float32), its
         rows in ``order`` (None: as they are). A NumPy array is put in order on the host (NumPy's gather is
-        ~5x XLA's on CPU) and copied to the device once (``device_put``: ~7x faster than ``jnp.asarray``)."""
+        ~5x XLA's on CPU), into a buffer kept for the next epoch, and copied to the device once
+        (``device_put``: ~7x faster than ``jnp.asarray``)."""
         if type(a) is np.ndarray and a.dtype.kind in "biuf":
             a = convert(a)
-            return get_backend(model.backend).from_numpy(a if order is None else a[order], model.device)
+            if order is not None:
+                a = gathered(a, order, slot)
+            return get_backend(model.backend).from_numpy(a, model.device)
         a = model.convert_inputs(a)[0]
         return a if order is None else _permute(a, order.astype(np.int32))
+
+    def gathered(a, order, slot):
+        """``a[order]`` in the host buffer of input ``slot``, kept between epochs (up to HOST_BUFFER_BYTES):
+        writing into memory used before costs 0.3x-0.9x a fresh array (no page faults), and on CPU the device
+        array is that memory itself (64-byte aligned: ``device_put`` copies nothing). Before the buffer is
+        written again, the steps that read it (the last epoch's) are waited for."""
+        if a.nbytes > HOST_BUFFER_BYTES:
+            return a[order]
+        buf, last = host.get(slot, (None, None))
+        if buf is None or buf.shape != a.shape or buf.dtype != a.dtype or (last is not None and last.is_deleted()):
+            raw = np.empty(a.nbytes + 64, np.uint8)
+            start = -raw.ctypes.data % 64
+            buf = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+        elif last is not None:
+            jax.block_until_ready(last)
+        np.take(a, order, axis=0, out=buf, mode="clip")  # (order: a permutation) "raise" copies via a buffer
+        host[slot] = [buf, None]
+        return buf
 
     def forget():
         """Treat every current value as held by someone else, and look again at what forward reads (``fit``
