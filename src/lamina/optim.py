@@ -106,6 +106,7 @@ class Optimizer:
         #: that calling ``fit`` again does not compile again; they go when the optimizer goes
         self.step_cache: dict = {}
         self._named: tuple | None = None  # (structure version, [(path, Parameter)]) of a parameter list
+        self._paths: tuple | None = None  # (structure version, {name: path in the whole model}), see step
 
     # ----- the update rule (override in subclasses) ---------------------------------------------------
     def scalars(self, lr: float, step: int) -> np.ndarray:
@@ -175,15 +176,36 @@ class Optimizer:
         from .training.torch_module import shard_entries  # under FSDP2's fully_shard: the module's shards
 
         entries = shard_entries(self, entries, grads)
-        if grads is None:
+        given = grads is not None
+        if not given:
             grads = {k: p.grad for k, p in entries}
+        elif any(grads.get(k) is None for k, _ in entries):
+            grads = self._by_model_path(entries, grads)
         missing = [k for k, _ in entries if grads.get(k) is None]
         if missing:
-            raise ValueError(f"{type(self).__name__}.step(): no gradient for {missing}; compute them first "
+            name = type(self).__name__
+            if given and grads and not any(k in grads for k, _ in entries):  # not one name in common
+                raise ValueError(f"{name}.step(): the optimizer was made for other parameters than those of the "
+                                 f"gradients: it updates {_shown(missing)}, the gradients are for "
+                                 f"{_shown(list(grads))}; pass the gradients of the model it was made for, or "
+                                 f"create it for the model you differentiate: lm.optim.{name}(model)")
+            raise ValueError(f"{name}.step(): no gradient for {missing}; compute them first "
                              "(lm.value_and_grad, or loss.backward() on torch)")
         lr = self.current_lr()
         self.engine(backend).step(entries, grads, lr)
         self.steps += 1
+
+    def _by_model_path(self, entries: list, grads: dict) -> dict:
+        """``grads`` by this optimizer's names where it has them by each parameter's path in its whole model:
+        an optimizer over a part of a model (``lm.optim.Adam(model.head)``) names its parameters within the
+        part (``"weight"``), ``lm.value_and_grad`` of the model names them in the model (``"head.weight"``).
+        All or nothing: ``grads`` as given unless every parameter has a gradient under its path."""
+        version = context.structure_version()
+        if self._paths is None or self._paths[0] != version:
+            self._paths = (version, _model_paths(entries))
+        paths = self._paths[1]
+        found = {k: grads.get(paths.get(k)) for k, _ in entries}
+        return found if all(g is not None for g in found.values()) else grads
 
     def zero_grad(self) -> None:
         """Forget every parameter's gradient."""
@@ -322,6 +344,31 @@ def _names_of(params: list) -> list:
         if counts[entry[0]] > 1:
             entry[0] = f"{entry[0]}@{i}"
     return [(k, p) for k, p in named]
+
+
+def _model_paths(entries: list) -> dict:
+    """``{name: path}``: each entry's path in its whole model (through its owner modules), where it has one."""
+    from .tree import root_of
+
+    maps: dict = {}  # id(root) -> {id(parameter): path}
+    out = {}
+    for k, p in entries:
+        owner = p._owner_module() if hasattr(p, "_owner_module") else None  # (an FSDP2 shard has none)
+        if owner is None:
+            continue
+        root = root_of(owner)
+        if id(root) not in maps:
+            maps[id(root)] = {id(q): path for path, q in root.named_parameters()}
+        path = maps[id(root)].get(id(p))
+        if path is not None:
+            out[k] = path
+    return out
+
+
+def _shown(names: list) -> str:
+    """The first few names, for an error message: ``['a', 'b', ... (9 in all)]``."""
+    more = f", ... ({len(names)} in all)" if len(names) > 4 else ""
+    return "[" + ", ".join(repr(k) for k in names[:4]) + more + "]"
 
 
 def _check_state(name: str, slots: tuple, entries: list, state) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -26,6 +27,7 @@ import numpy as np
 from .backends import backend_of, get_backend
 from .functional import _python_values
 from .module import Module
+from .optim import _shown
 from .training import active_group, trainer_for
 from .training.base import input_leaves
 from .training.base import map_inputs as _map
@@ -105,6 +107,23 @@ def _take(a, idx):
     return b.xp.take(a, b.from_numpy(idx, b.device_of(a)), axis=0)
 
 
+def _no_rows(who: str, data: str = "the data", why: str = "there is no mean loss or metric to report") -> ValueError:
+    """The error for data with no rows, one wording for ``fit`` and ``evaluate``."""
+    return ValueError(f"{who}: {data} has no rows (0 batches), so {why}; pass at least one (x, y) batch")
+
+
+def _known_empty(data) -> bool:
+    """Whether ``data`` (``(X, Y)`` arrays or an iterable of batches) is known to hold no rows before it is
+    run: arrays with 0 rows, or batches whose ``len`` is 0. A generator's are known only once it has run."""
+    pair = _array_pair(data)
+    if pair is not None:
+        return int(pair[1].shape[0]) == 0
+    try:
+        return hasattr(data, "__len__") and len(data) == 0
+    except TypeError:  # a len that is not known (a tf.data.Dataset of unknown length)
+        return False
+
+
 def _n_batches(data, batch_size):
     pair = _array_pair(data)
     if pair is not None:
@@ -123,7 +142,7 @@ def _build(model: Module, xb) -> None:
 
 
 def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sync: bool = False,
-             each: bool = True):
+             each: bool = True, after_build=None):
     """Run the train step over ``batches``. Yields ``(loss, outputs, rows per batch, batches done, targets)``.
 
     With ``k > 1`` (a step that offers ``step.many``), every ``k`` consecutive batches of one shape run as
@@ -133,11 +152,14 @@ def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sy
     the model after each batch (a batch callback), so the step publishes its values after each call;
     ``each=False``: nothing reads a step's figures or the model between steps, so the epoch may run several
     calls back to back and yield them as one item whose ``loss`` is the list of their losses.
+    ``after_build``: called once the model is built on the first batch, before any step.
     """
     epoch = getattr(step, "epoch", None)
     if epoch is not None and isinstance(batches, _Arrays):
         if int(batches.y.shape[0]):
             _build(model, convert(_map(lambda a: a[:batches.batch_size], batches.x)))
+            if after_build is not None:
+                after_build()
         run = epoch(batches.x, batches.y, batches.order, batches.batch_size, k, optimizer.lr_at,
                     optimizer.steps, sync, each)
         if run is not None:
@@ -154,6 +176,8 @@ def _execute(model: Module, step, k: int | None, batches, optimizer, convert, sy
         xb, yb = convert(xb), convert(yb)
         if i == 0:
             _build(model, xb)
+            if after_build is not None:
+                after_build()
         kk = choose(xb) if choose is not None else (k or 1)
         if kk == 1 and not group:
             loss, out = step(xb, yb, lr_at(optimizer.steps))
@@ -388,6 +412,36 @@ def _train_step(model: Module, loss: Loss, optimizer, compile, outputs: bool):
     return hit[1]
 
 
+def _check_optimizer(model: Module, optimizer, built: bool = False) -> bool:
+    """Refuse an optimizer made for other parameters than ``model``'s (one made for an earlier copy of the
+    model, a notebook cell run again): ``fit`` would otherwise train nothing (torch, tensorflow) or fail inside
+    the compiled step (jax).
+
+    The rule: at least one of the optimizer's trainable parameters is one of the model's (the same object).
+    Not "each of them": an optimizer over a part of the model (``lm.optim.Adam(model.head)``, the rest left as
+    it is) is the ordinary way to train a part, and one that also holds a parameter outside the model (a
+    learnable temperature inside the loss) trains it on torch and tensorflow. An optimizer without trainable
+    parameters is judged only once the model is built (``built``): a lazy model's ``build`` may make them.
+    Returns whether it has judged (False: call again with ``built=True`` after the model's first build)."""
+    entries = optimizer.entries()
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) in own for _, p in entries):
+        return True
+    name = type(optimizer).__name__
+    fix = (f"create the optimizer for the model you train: lm.optim.{name}(model), or lm.optim.{name}(model.part) "
+           "to train a part of it")
+    if entries:
+        raise ValueError(f"fit: the optimizer was made for other parameters: none of its parameters "
+                         f"{_shown([k for k, _ in entries])} is one of the model being trained "
+                         f"({type(model).__name__}), so fit would update nothing (an optimizer holds the parameter "
+                         f"objects it was made for, not their names: one made for an earlier copy of the model "
+                         f"does not follow a new one); {fix}")
+    if built and any(p.trainable for p in model.parameters()):
+        raise ValueError(f"fit: the optimizer has no trainable parameters, so it would update none of the model's "
+                         f"(it was made for another model, not built yet, or for frozen parameters only); {fix}")
+    return built
+
+
 # ----- several processes or devices (lamina.distributed) ------------------------------------------
 def _parallel_plan(model: Module, parallel):
     if parallel is None and not _distributed_may_apply():
@@ -441,6 +495,9 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     ``parallel``: an ``lm.distributed.DataParallel`` (jax: shard the batch over devices, optionally the
     parameters too); under ``torchrun`` (a torch process group) ``fit`` trains data-parallel by itself, with
     ``batch_size`` per rank (see ``lamina.distributed``). Returns the ``History``.
+    Training data with no rows is a ``ValueError`` (as in ``evaluate``), and so is an optimizer made for
+    another model's parameters (one over a part of ``model`` trains that part); both before anything runs. An
+    iterator that runs out after the first epoch stops training with a ``RuntimeWarning``, as in Keras.
     """
     from tqdm.auto import tqdm
 
@@ -450,6 +507,13 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
         raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
+    # Data with no rows, and an optimizer made for another model, are refused before anything changes (no
+    # callback runs, no step is counted); a generator is known to be empty only after its first epoch.
+    if _known_empty(train_data):
+        raise _no_rows("fit", "the training data", "there is nothing to train on and no loss to report")
+    if validation_data is not None and _known_empty(validation_data):
+        raise _no_rows("fit", "the validation data")
+    after_build = None if _check_optimizer(model, optimizer) else lambda: _check_optimizer(model, optimizer, True)
     metrics = list(metrics)
     history = History()
     trainer = _Trainer(model, optimizer, history)
@@ -493,7 +557,8 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
             pending, batch = [], 0
             epoch_batches = _epoch(plan, train_data, batch_size, shuffle, rng)
             for loss_value, out, n, done, yb in _execute(model, step, k, epoch_batches, optimizer, convert,
-                                                         sync=user_batch_end, each=each):
+                                                         sync=user_batch_end, each=each,
+                                                         after_build=after_build if epoch == 0 else None):
                 seen += n * done
                 drew = bar.update(done)
                 if not each:
@@ -525,7 +590,17 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
             bar.close()
             if plan is not None:
                 totals, seen = _reduce_totals(plan, totals, seen)
-            logs = {k: v / max(seen, 1) for k, v in totals.items()}
+            if seen == 0:  # an iterable of batches that gave no rows (a generator: known only now)
+                if epoch == 0:
+                    raise _no_rows("fit", "the training data", "there is nothing to train on and no loss to report")
+                # as Keras: a generator or iterator is used up by one epoch; stop rather than log a loss of nothing
+                warnings.warn(f"fit: the training data ran out: epoch {epoch + 1} got no batches (an iterator or "
+                              f"generator is used up by one epoch), so training stops after epoch {epoch}; to train "
+                              "several epochs, pass a list of batches, an object that can be iterated again, or "
+                              "(X, Y) arrays", RuntimeWarning, stacklevel=2)
+                trainer.epoch = epoch - 1  # the last epoch trained, as callbacks' on_train_end expects
+                break
+            logs = {k: v / seen for k, v in totals.items()}
             if validation_data is not None:
                 logs.update({f"val_{k}": v for k, v in _validate(plan, model, loss, validation_data, metrics,
                                                                   batch_size).items()})
@@ -575,8 +650,7 @@ def evaluate(model: Module, loss: Loss | None, data, *, metrics: Iterable = (), 
             for m in metrics:
                 totals[_metric_name(m)] += _float(m(out, yb)) * n
     if seen == 0:
-        raise ValueError("evaluate: the data has no rows (0 batches), so there is no mean loss or metric to "
-                         "report; pass at least one (x, y) batch")
+        raise _no_rows("evaluate")
     return {k: v / seen for k, v in totals.items()}
 
 
