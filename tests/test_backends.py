@@ -121,3 +121,40 @@ def test_adding_a_child_of_another_backend_is_refused():
     child = lm.Linear(2)
     with pytest.raises(lm.BackendError, match=rf"on the {BACKENDS[1]} backend.*\.to\(backend='{BACKENDS[0]}'\)"):
         parent.append(child)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_torch_cpu_convolutions_in_channels_last_memory_give_torch_nn_results(monkeypatch, channels_last):
+    """On the CPU the torch backend runs 2-D convolutions on channels-last memory (faster there; the shape stays
+    (N, C, H, W)). The outputs, the flattened features (in (C, H, W) order) and the gradients are torch.nn's,
+    computed in torch's default layout."""
+    if "torch" not in BACKENDS:
+        pytest.skip("torch not selected")
+    import torch
+
+    import lamina.backends.torch as tb
+
+    monkeypatch.setattr(tb, "CONV2D_CHANNELS_LAST_ON_CPU", channels_last)
+    lm.set_backend("torch")
+    lm.manual_seed(0)
+    net = lm.Sequential(lm.Conv2d(1, 4, 3), lm.ReLU(), lm.MaxPool2d(2), lm.Conv2d(4, 6, 3, padding=1), lm.ReLU(),
+                        lm.Flatten(), lm.Linear(5))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 1, 10, 10)).astype(np.float32))
+    net.ensure_built(x)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(96, 5))
+    with torch.no_grad():
+        for i in (0, 3):
+            ref[i].weight.copy_(net[i].weight)
+            ref[i].bias.copy_(net[i].bias)
+        ref[6].weight.copy_(net[6].weight.T)  # Lamina's Linear weight is (in, out)
+        ref[6].bias.copy_(net[6].bias)
+    features = net[:6](x)
+    assert features.shape == (3, 96)
+    assert net[0](x).is_contiguous(memory_format=torch.channels_last) == channels_last
+    np.testing.assert_allclose(to_np(features), ref[:6](x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    net(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for i in (0, 3):
+        np.testing.assert_allclose(to_np(net[i].weight.grad), ref[i].weight.grad.numpy(), rtol=1e-4, atol=1e-5)
