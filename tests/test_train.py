@@ -299,6 +299,21 @@ def test_after_fit_an_attribute_forward_sets_holds_the_last_batch(grad_backend, 
     np.testing.assert_array_equal(to_np(m.seen), x[2:4])
 
 
+def test_a_batch_forward_kept_is_not_overwritten_by_later_epochs(grad_backend):
+    """fit reuses its host buffers of shuffled rows between epochs (torch: the batches are views of them) only
+    when nothing holds them: a batch that forward kept keeps its values through more epochs and fits."""
+    m = _Seen()
+    x = np.arange(60, dtype=np.float32).reshape(20, 3)
+    y = np.zeros((20, 1), np.float32)
+    opt = lm.optim.SGD(m, lr=1e-4)
+    lm.fit(m, lm.losses.mse, opt, (x, y), batch_size=4, seed=1)
+    kept, values = m.seen, to_np(m.seen).copy()
+    assert any((values == row).all(axis=1).any() for row in x)  # rows of x, as forward saw them
+    lm.fit(m, lm.losses.mse, opt, (x + 100, y), epochs=3, batch_size=4, seed=2)
+    np.testing.assert_array_equal(to_np(kept), values)
+    assert to_np(m.seen).min() >= 100  # the new fit's rows
+
+
 @pytest.mark.parametrize("steps_per_call", [None, 1, 4])
 def test_epoch_loss_is_the_same_whether_or_not_something_reads_each_step(grad_backend, steps_per_call, capsys):
     """Without metrics or batch callbacks nothing reads a step's loss, so fit runs the steps back to back and
