@@ -239,9 +239,11 @@ class Parameter:
     @property
     def backend(self):
         """The backend adapter the value lives on."""
+        if self._backend is not None:  # (read for every value set: the import below costs ~1 us)
+            return self._backend
         from .backends import get_backend
 
-        return self._backend or get_backend()
+        return get_backend()
 
     @property
     def device(self) -> str | None:
