@@ -11,7 +11,6 @@ once before its donation (DESIGN.md, rule 8).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
@@ -151,12 +150,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         return lay["key"]
 
     def arguments():
-        """The step's arguments from the model: values that someone else may hold (the step did not produce
-        them, or user code ran since, and more than Lamina refers to them) are copied, all in one compiled
-        call, before they are donated."""
+        """The step's arguments from the model: values the step did not produce (so someone else may hold
+        them) are copied, all in one compiled call, before they are donated."""
         entries, buf_entries, const_entries = layout()
-        if not owned:  # first call, or user code ran (forget): adopt what nobody but Lamina refers to
-            _adopt_unshared(entries, buf_entries, eng.state, owned)
         params = {k: p.value for k, p in entries}
         bufs = {k: p.value for k, p in buf_entries}
         state = eng.state
@@ -554,25 +550,6 @@ def make_forward(model):
 
     forward.compiled = run  # exposed so tests can count compilations
     return forward
-
-
-def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
-    """Put into ``owned`` (safe to donate) each parameter or buffer value that only Lamina refers to (the
-    parameter and its owners' ``__dict__``, where ``forward`` reads it) and each optimizer state array that
-    only the engine's state refers to: by reference count, so that a value a user holds (a ``state_dict()``
-    snapshot, an array assigned or loaded, one a callback kept, a NumPy view of it) is still copied before
-    donation, and the rest is not (copying the 784-512-512-10 MLP's parameters and Adam moments cost ~3% of a
-    32-step ``fit``). CPython counts exactly; any doubt (a count above the expected one) means a copy."""
-    for entry in (entries, buf_entries):
-        for _, p in entry:
-            v = p._value
-            shown = sum(1 for ref, name in p._owners if (m := ref()) is not None and m.__dict__.get(name) is v)
-            if sys.getrefcount(v) == 3 + shown:  # p._value, the owners' entries, v, getrefcount's argument
-                owned[id(v)] = v
-    for slots in state.values():
-        for a in slots.values():
-            if sys.getrefcount(a) == 3:  # the state's dict, a, getrefcount's argument
-                owned[id(a)] = a
 
 
 def _copy_foreign(tree, owned: dict):
