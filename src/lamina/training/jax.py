@@ -3,10 +3,11 @@
 
 Buffers are donated to XLA so that it updates parameters and optimizer state in place (measured on CPU:
 1.36x the steps per second of the same program without donation on a 784-512-512-10 MLP), but only
-arrays that nobody else holds: those the step produced and has not given out since, and those that only
-Lamina refers to (by reference count, ``_adopt_unshared``). Any other value (a parameter the user assigned,
-a mapping given to ``load_state_dict``, arrays a ``state_dict()`` snapshot or a callback holds) is copied
-once before its donation (DESIGN.md, rule 8).
+arrays that the step itself produced and nobody else was given: any other value (a parameter the user
+assigned, a mapping given to ``load_state_dict``, arrays present before ``fit`` began, which a
+``state_dict()`` snapshot may hold) is copied once before its first donation (DESIGN.md, rule 8). (A
+reference count cannot stand in for that: ``jax.device_put`` onto the array's own device, as ``model.to``
+does, makes a second array object on the same buffer, which the first one's count does not see.)
 """
 
 from __future__ import annotations
