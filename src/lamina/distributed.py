@@ -130,7 +130,10 @@ class Plan:
             return math.ceil(data[0].shape[0] / (batch_size * self.world))
         if isinstance(data, list | tuple):
             return len(data[self.rank::self.world])
-        return len(data) if hasattr(data, "__len__") else None
+        try:
+            return len(data) if hasattr(data, "__len__") else None
+        except TypeError:  # a tf.data.Dataset of unknown cardinality
+            return None
 
     def evaluate(self, evaluate, model, loss, data, metrics, batch_size) -> dict:
         """``evaluate`` over this rank's part of ``data``, the means combined over the ranks by row count."""

@@ -179,7 +179,7 @@ class Optimizer:
         given = grads is not None
         if not given:
             grads = {k: p.grad for k, p in entries}
-        elif any(grads.get(k) is None for k, _ in entries):
+        else:
             grads = self._by_model_path(entries, grads)
         missing = [k for k, _ in entries if grads.get(k) is None]
         if missing:
@@ -196,14 +196,19 @@ class Optimizer:
         self.steps += 1
 
     def _by_model_path(self, entries: list, grads: dict) -> dict:
-        """``grads`` by this optimizer's names where it has them by each parameter's path in its whole model:
-        an optimizer over a part of a model (``lm.optim.Adam(model.head)``) names its parameters within the
-        part (``"weight"``), ``lm.value_and_grad`` of the model names them in the model (``"head.weight"``).
-        All or nothing: ``grads`` as given unless every parameter has a gradient under its path."""
+        """``grads`` by this optimizer's names, taken by each parameter's path in its whole model where
+        ``grads`` has them all: an optimizer over a part of a model (``lm.optim.Adam(model.head)``) names its
+        parameters within the part (``"weight"``), ``lm.value_and_grad`` of the whole model names them in the
+        model (``"head.weight"``), and the model may have a ``"weight"`` of its own, whose gradient is not the
+        head's. All or nothing: ``grads`` as given unless every parameter has a gradient under its path (the
+        gradients of the part itself). Free when every name is its path (an optimizer over the whole model)."""
         version = context.structure_version()
         if self._paths is None or self._paths[0] != version:
-            self._paths = (version, _model_paths(entries))
+            paths = _model_paths(entries)
+            self._paths = (version, paths if any(paths.get(k, k) != k for k, _ in entries) else None)
         paths = self._paths[1]
+        if paths is None:
+            return grads
         found = {k: grads.get(paths.get(k)) for k, _ in entries}
         return found if all(g is not None for g in found.values()) else grads
 

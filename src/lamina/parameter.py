@@ -402,7 +402,9 @@ class Parameter:
             new, fresh = b.xp.astype(new, b.dtype(self.dtype)), True
         if new is self._value:
             return
-        if self._value is None and not fresh:
+        if not fresh and (self._value is None or other not in (None, b)):
+            # nothing to copy into, or converted from another library's array (DLPack may share its memory,
+            # which its owner can still write: NumPy's and torch's arrays are mutable)
             new = b.copy(new)
         self._set_value(new)
 

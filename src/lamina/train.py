@@ -118,17 +118,23 @@ def _known_empty(data) -> bool:
     pair = _array_pair(data)
     if pair is not None:
         return int(pair[1].shape[0]) == 0
-    try:
-        return hasattr(data, "__len__") and len(data) == 0
-    except TypeError:  # a len that is not known (a tf.data.Dataset of unknown length)
-        return False
+    return _len_or_none(data) == 0
 
 
 def _n_batches(data, batch_size):
     pair = _array_pair(data)
     if pair is not None:
         return math.ceil(int(pair[1].shape[0]) / batch_size)
-    return len(data) if hasattr(data, "__len__") else None
+    return _len_or_none(data)
+
+
+def _len_or_none(data) -> int | None:
+    """``len(data)``, or None where it is not known (no ``__len__``, or one that raises TypeError, as a
+    ``tf.data.Dataset`` of unknown cardinality does)."""
+    try:
+        return len(data) if hasattr(data, "__len__") else None
+    except TypeError:
+        return None
 
 
 def _build(model: Module, xb) -> None:
@@ -417,15 +423,16 @@ def _check_optimizer(model: Module, optimizer, built: bool = False) -> bool:
     model, a notebook cell run again): ``fit`` would otherwise train nothing (torch, tensorflow) or fail inside
     the compiled step (jax).
 
-    The rule: at least one of the optimizer's trainable parameters is one of the model's (the same object).
-    Not "each of them": an optimizer over a part of the model (``lm.optim.Adam(model.head)``, the rest left as
-    it is) is the ordinary way to train a part, and one that also holds a parameter outside the model (a
-    learnable temperature inside the loss) trains it on torch and tensorflow. An optimizer without trainable
-    parameters is judged only once the model is built (``built``): a lazy model's ``build`` may make them.
-    Returns whether it has judged (False: call again with ``built=True`` after the model's first build)."""
+    The rule: at least one of the optimizer's trainable parameters is one of the model's (the same object), or
+    belongs to no module at all. Not "each of them": an optimizer over a part of the model
+    (``lm.optim.Adam(model.head)``, the rest left as it is) is the ordinary way to train a part; and a free
+    parameter (a learnable temperature inside the loss, the model frozen: temperature scaling) is not another
+    model's, and trains on torch and tensorflow. An optimizer without trainable parameters is judged only once
+    the model is built (``built``): a lazy model's ``build`` may make them. Returns whether it has judged
+    (False: call again with ``built=True`` after the model's first build)."""
     entries = optimizer.entries()
     own = {id(p) for p in model.parameters()}
-    if any(id(p) in own for _, p in entries):
+    if any(id(p) in own or p._owner_module() is None for _, p in entries):
         return True
     name = type(optimizer).__name__
     fix = (f"create the optimizer for the model you train: lm.optim.{name}(model), or lm.optim.{name}(model.part) "

@@ -57,6 +57,10 @@ class JaxBackend(Backend):
         a = np.asarray(a)
         if a.dtype.kind in "iu" and a.dtype.itemsize == 8 and a.size and not jax.config.jax_enable_x64:
             _check_fits_32_bits(a)
+        if copy and a.ctypes.data % 64 == 0 and a.flags.c_contiguous:
+            # device_put on the CPU shares 64-byte-aligned host memory (all that torch allocates is), even with
+            # may_alias=False (jax 0.10): the caller's later writes would show through; copy it on the host
+            a = np.array(a, copy=True)
         return jax.device_put(a, self._device(device))
 
     def checks_values(self, dtype):

@@ -181,11 +181,11 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         entries, buf_entries, params, bufs, consts, state = arguments()
         params, bufs, state, loss, out, attrs = run(params, bufs, consts, state, x, y,
                                                     opt.scalars(lr, eng.count + 1), seeds(), trace_key())
+        publish(entries, buf_entries, params, bufs, state)  # first: the call donated the old values
+        eng.count += 1
         carry_in(attrs, targets)
         if uses_keys[0] is None:
             uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
-        eng.count += 1
-        publish(entries, buf_entries, params, bufs, state)
         return loss, out
 
     def step_many(xs, ys, lrs):
@@ -194,11 +194,11 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         table = opt.scalar_table(lrs, eng.count + 1)
         params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)),
                                                       trace_key())
+        publish(entries, buf_entries, params, bufs, state)  # first: the call donated the old values
+        eng.count += len(lrs)
         carry_in(attrs, targets)
         if uses_keys[0] is None:
             uses_keys[0] = False
-        eng.count += len(lrs)
-        publish(entries, buf_entries, params, bufs, state)
         return losses
 
     def epoch(x, y, order, batch_size, k, lr_at, start, sync, each=True):
@@ -272,8 +272,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 key = trace_key()
             p, b, st, i, lv, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table,
                                                                  seeds_, held[3], held[4], batch_size, size, kk, key)
+            held[:] = [p, b, st, i, lv]  # first: the call donated the old ones (a Ctrl-C may come at any call)
             fresh_seeds()
-            held[:] = [p, b, st, i, lv]
             if attrs:
                 carry_in(attrs, targets)
             if uses_keys[0] is None:
@@ -349,7 +349,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             for slot in host:  # the steps that read these buffers wrote this last
                 host[slot][1] = held[4]
             spare.clear()
-            spare[len(sizes)] = held[4]
+            if not held[4].is_deleted():  # (a call interrupted in the middle donated it)
+                spare[len(sizes)] = held[4]
 
     def leaves_rows(a):
         return jax.tree_util.tree_leaves(a)[0].shape[0]
@@ -363,7 +364,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             a = convert(a)
             if order is not None:
                 a = gathered(a, order, slot)
-            return get_backend(model.backend).from_numpy(a, model.device)
+            # the kept buffer may be shared (no copy); the user's own array is copied, never aliased
+            return get_backend(model.backend).from_numpy(a, model.device, copy=order is None)
         a = model.convert_inputs(a)[0]
         return a if order is None else _permute(a, order.astype(np.int32))
 

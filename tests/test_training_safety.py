@@ -1,9 +1,11 @@
-"""Review of the day's performance changes (22a7947..HEAD): the jax fit's kept host buffers, loss vector and
-donation by reference count, torch's reused gather buffers, torch's channels-last convolutions, and fit's new
-optimizer and empty-data checks.
+"""What fit and the training rooms must never do to a user, found by attacking the speed work of issue 13:
+invalidate or change an array the user holds (snapshots, arrays device_put from a weight, batches kept by a
+forward, NumPy arrays assigned to a parameter), lose the model to an interrupt right after a compiled step,
+apply another parameter's gradient, refuse a legitimate optimizer, or fail on data of unknown length; and
+that the kept host buffers, reused gather buffers and channels-last convolutions give the results of the
+plain paths.
 
-The first group are confirmed bugs: each test fails until its cause is fixed (see the docstrings). The second
-group guards invariants that were attacked and held."""
+"""
 
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ def _mlp():
     return lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
 
 
-# ----- confirmed bugs -----------------------------------------------------------------------------------------
+# ----- found broken, fixed -----------------------------------------------------------------------------------
 @jax_only
 def test_jax_fit_keeps_a_snapshot_valid_after_the_model_moved_to_its_own_device():
     """README: "a state_dict() snapshot ... stays valid after fit". ``model.to("cpu")`` on jax gives each
     parameter ``jax.device_put(old, cpu)``: a new array object on the SAME buffer as the snapshot's. Only
-    Lamina refers to the new object, so ``_adopt_unshared`` (training/jax.py, ccb00dd) donates it without the
-    protective copy, and the snapshot's array is deleted with it ("Array has been deleted")."""
+    Lamina refers to the new object, so donating what only Lamina refers to by reference count (tried in
+    ccb00dd, withdrawn) deleted the snapshot's array with it ("Array has been deleted")."""
     lm.set_backend("jax")
     lm.manual_seed(0)
     net = _mlp()
