@@ -193,6 +193,37 @@ def test_jax_fit_keeps_a_state_dict_snapshot_valid():
 
 
 @jax_only
+def test_jax_fit_copies_only_the_values_someone_else_holds(monkeypatch):
+    """Before donating, fit copies a value only where more than Lamina refers to it: after a fit, a second
+    fit copies nothing; holding one weight makes that weight (and only it) copied, and it stays valid."""
+    import jax
+
+    import lamina.training.jax as room
+
+    lm.set_backend("jax")
+    copied = []
+    original = room._copy_foreign
+
+    def counting(tree, owned):
+        copied.append(sum(owned.get(id(a)) is not a for a in jax.tree_util.tree_leaves(tree)))
+        return original(tree, owned)
+
+    monkeypatch.setattr(room, "_copy_foreign", counting)
+    net = lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
+    opt = lm.optim.Adam(net, lr=0.01)
+    lm.fit(net, lm.losses.mse, opt, _data(), batch_size=8, progress=False)
+    copied.clear()
+    lm.fit(net, lm.losses.mse, opt, _data(), batch_size=8, progress=False)
+    assert copied == []
+    held = net[0].weight
+    expected = np.array(held)
+    lm.fit(net, lm.losses.mse, opt, _data(), batch_size=8, progress=False)
+    assert copied == [1]
+    np.testing.assert_array_equal(np.asarray(held), expected)
+    assert not np.array_equal(to_np(net[0].weight), expected)  # the model trained on
+
+
+@jax_only
 def test_jax_fit_keeps_an_assigned_array_valid():
     import jax.numpy as jnp
 

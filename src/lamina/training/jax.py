@@ -3,15 +3,16 @@
 
 Buffers are donated to XLA so that it updates parameters and optimizer state in place (measured on CPU:
 1.36x the steps per second of the same program without donation on a 784-512-512-10 MLP), but only
-arrays that the step itself produced and nobody else was given: any other value (a parameter the user
-assigned, a mapping given to ``load_state_dict``, arrays present before ``fit`` began, which a
-``state_dict()`` snapshot may hold) is copied once before its first donation (DESIGN.md, rule 8). (A
-reference count cannot stand in for that: ``jax.device_put`` onto the array's own device, as ``model.to``
-does, makes a second array object on the same buffer, which the first one's count does not see.)
+arrays that nobody else holds: those the step produced and has not given out since, and those that only
+Lamina refers to (``_adopt_unshared``: the reference count, and no other live array on the buffer). Any
+other value (a parameter the user assigned, a mapping given to ``load_state_dict``, arrays a
+``state_dict()`` snapshot or a callback holds, an array ``jax.device_put`` from a weight) is copied before
+its donation (DESIGN.md, rule 8).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -151,9 +152,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         return lay["key"]
 
     def arguments():
-        """The step's arguments from the model: values the step did not produce (so someone else may hold
-        them) are copied, all in one compiled call, before they are donated."""
+        """The step's arguments from the model: values that someone else may hold (the step did not produce
+        them, or user code ran since, and more than Lamina refers to them) are copied, all in one compiled
+        call, before they are donated."""
         entries, buf_entries, const_entries = layout()
+        if not owned:  # first call, or user code ran (forget): adopt what nobody but Lamina refers to
+            _adopt_unshared(entries, buf_entries, eng.state, owned)
         params = {k: p.value for k, p in entries}
         bufs = {k: p.value for k, p in buf_entries}
         state = eng.state
@@ -553,6 +557,54 @@ def make_forward(model):
 
     forward.compiled = run  # exposed so tests can count compilations
     return forward
+
+
+def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
+    """Put into ``owned`` (safe to donate) each parameter or buffer value that only Lamina refers to (the
+    parameter and its owners' ``__dict__``, where ``forward`` reads it) and each optimizer state array that
+    only the engine's state refers to, so that it is donated without the protective copy (copying the
+    784-512-512-10 MLP's parameters and Adam moments cost 2-3% of a 32-step ``fit`` call). Two checks, and
+    any doubt means a copy:
+
+    - the Python reference count of the array object (a ``state_dict()`` snapshot, an array assigned or
+      loaded, one a callback kept, a NumPy view of it: each adds one);
+    - no other live jax array on the same buffer: ``jax.device_put`` onto an array's own device (as
+      ``model.to`` and ``place_model`` do, or a user) makes a second array object on the buffer, which the
+      first one's count does not see (~1 us per live array).
+
+    (A DLPack export or a NumPy view holds the buffer itself: XLA then declines the donation.)"""
+    found = []
+    for entry in (entries, buf_entries):
+        for _, p in entry:
+            v = p._value
+            shown = sum(1 for ref, name in p._owners if (m := ref()) is not None and m.__dict__.get(name) is v)
+            if sys.getrefcount(v) == 3 + shown:  # p._value, the owners' entries, v, getrefcount's argument
+                found.append(v)
+    for slots in state.values():
+        for a in slots.values():
+            if sys.getrefcount(a) == 3:  # the state's dict, a, getrefcount's argument
+                found.append(a)
+    if not found:
+        return
+    users: dict = {}  # buffer -> how many live arrays are on it
+    for platform in {d.platform for a in found for d in a.devices()}:
+        for a in jax.live_arrays(platform):
+            for b in _buffers(a):
+                users[b] = users.get(b, 0) + 1
+    for a in found:
+        buffers = _buffers(a)
+        if buffers and all(users.get(b) == 1 for b in buffers):
+            owned[id(a)] = a
+
+
+def _buffers(a) -> list:
+    """The device buffers of ``a`` (one per addressable shard), or [] where they cannot be read."""
+    try:
+        if len(a.devices()) == 1:
+            return [a.unsafe_buffer_pointer()]
+        return [s.data.unsafe_buffer_pointer() for s in a.addressable_shards]
+    except Exception:  # deleted, or a platform without raw pointers: counts as unknown
+        return []
 
 
 def _copy_foreign(tree, owned: dict):
