@@ -42,6 +42,9 @@ GROUP = 16
 EPOCH_ON_DEVICE_BYTES = 1 << 30
 # and shuffles NumPy arrays into a host buffer kept for the next epoch when an array is at most this size
 HOST_BUFFER_BYTES = 256 << 20
+# values that only Lamina refers to are donated without the protective copy from this many bytes on (below,
+# the copy, one compiled call, costs less than looking through the live arrays: see _adopt_unshared)
+ADOPT_FROM_BYTES = 4 << 20
 
 
 def make_step(model, loss_fn, optimizer, compile, outputs=True):
@@ -570,7 +573,8 @@ def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
       loaded, one a callback kept, a NumPy view of it: each adds one);
     - no other live jax array on the same buffer: ``jax.device_put`` onto an array's own device (as
       ``model.to`` and ``place_model`` do, or a user) makes a second array object on the buffer, which the
-      first one's count does not see (~1 us per live array).
+      first one's count does not see (~1 us per live array in the process: a user's 1,000 pre-made batches
+      cost more than copying a small model, so only from ADOPT_FROM_BYTES of values on).
 
     (A DLPack export or a NumPy view holds the buffer itself: XLA then declines the donation.)"""
     found = []
@@ -584,7 +588,7 @@ def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
         for a in slots.values():
             if sys.getrefcount(a) == 3:  # the state's dict, a, getrefcount's argument
                 found.append(a)
-    if not found:
+    if sum(a.nbytes for a in found) < ADOPT_FROM_BYTES:  # copying them costs less than looking
         return
     users: dict = {}  # buffer -> how many live arrays are on it
     for platform in {d.platform for a in found for d in a.devices()}:
