@@ -41,6 +41,22 @@ def _mlp():
     return lm.Sequential(lm.Linear(4, 8), lm.ReLU(), lm.Linear(8, 1))
 
 
+def _fitted_jax_mlp():
+    """A small jax MLP after one fit; returns a function that fits it once more (``.net``: the model)."""
+    lm.set_backend("jax")
+    lm.manual_seed(0)
+    net = _mlp()
+    opt = lm.optim.Adam(net, lr=0.01)
+    x, y = _xy()
+
+    def fit_again():
+        lm.fit(net, lm.losses.mse, opt, (x, y), batch_size=16, progress=False)
+
+    fit_again()
+    fit_again.net = net
+    return fit_again
+
+
 # ----- found broken, fixed -----------------------------------------------------------------------------------
 @jax_only
 def test_jax_fit_keeps_a_snapshot_valid_after_the_model_moved_to_its_own_device():
@@ -48,16 +64,12 @@ def test_jax_fit_keeps_a_snapshot_valid_after_the_model_moved_to_its_own_device(
     parameter ``jax.device_put(old, cpu)``: a new array object on the SAME buffer as the snapshot's. Only
     Lamina refers to the new object, so donating what only Lamina refers to by reference count (tried in
     ccb00dd, withdrawn) deleted the snapshot's array with it ("Array has been deleted")."""
-    lm.set_backend("jax")
-    lm.manual_seed(0)
-    net = _mlp()
-    opt = lm.optim.Adam(net, lr=0.01)
-    x, y = _xy()
-    lm.fit(net, lm.losses.mse, opt, (x, y), batch_size=16, progress=False)
+    fit_again = _fitted_jax_mlp()
+    net = fit_again.net
     snapshot = net.state_dict()
     expected = {k: np.array(v) for k, v in snapshot.items()}
     net.to("cpu")
-    lm.fit(net, lm.losses.mse, opt, (x, y), batch_size=16, progress=False)
+    fit_again()
     for k, v in snapshot.items():
         np.testing.assert_array_equal(np.asarray(v), expected[k])
 
@@ -68,15 +80,10 @@ def test_jax_fit_keeps_an_array_device_put_from_a_weight_valid():
     reference count of the weight's own object does not see it, fit donates the buffer, the user's array dies."""
     import jax
 
-    lm.set_backend("jax")
-    lm.manual_seed(0)
-    net = _mlp()
-    opt = lm.optim.Adam(net, lr=0.01)
-    x, y = _xy()
-    lm.fit(net, lm.losses.mse, opt, (x, y), batch_size=16, progress=False)
-    mine = jax.device_put(net[0].weight, jax.devices()[0])
+    fit_again = _fitted_jax_mlp()
+    mine = jax.device_put(fit_again.net[0].weight, jax.devices()[0])
     expected = np.array(mine)
-    lm.fit(net, lm.losses.mse, opt, (x, y), batch_size=16, progress=False)
+    fit_again()
     np.testing.assert_array_equal(np.asarray(mine), expected)
 
 
