@@ -12,7 +12,6 @@ its donation (DESIGN.md, rule 8).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 from .. import context, random
 from ..backends import get_backend
 from ..functional import _python_values
-from .base import Grouping, call, carry_in, carry_out, pack_state
+from .base import Grouping, call, carry_in, carry_out, only_held_by, pack_state
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -582,12 +581,10 @@ def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
         for _, p in entry:
             v = p._value
             shown = sum(1 for ref, name in p._owners if (m := ref()) is not None and m.__dict__.get(name) is v)
-            if sys.getrefcount(v) == 3 + shown:  # p._value, the owners' entries, v, getrefcount's argument
+            if only_held_by(1 + shown, v):  # p._value and the owners' entries
                 found.append(v)
     for slots in state.values():
-        for a in slots.values():
-            if sys.getrefcount(a) == 3:  # the state's dict, a, getrefcount's argument
-                found.append(a)
+        found += [a for a in slots.values() if only_held_by(1, a)]  # the state's dict
     if sum(a.nbytes for a in found) < ADOPT_FROM_BYTES:  # copying them costs less than looking
         return
     users: dict = {}  # buffer -> how many live arrays are on it

@@ -13,14 +13,13 @@ into the parameters' tensors.
 from __future__ import annotations
 
 import itertools
-import sys
 
 import numpy as np
 import torch
 
 from .. import context
 from ..backends import get_backend
-from .base import call, input_leaves, map_inputs, pack_state
+from .base import call, input_leaves, map_inputs, only_held_by, pack_state
 
 __all__ = ["make_step", "engine", "make_forward"]
 
@@ -98,19 +97,6 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 GATHER_BYTES = 32 << 20
 
 
-def _free_refs() -> int:
-    """The reference count ``_gather`` sees for a pooled buffer that nothing else holds (the list, the loop
-    variable, ``getrefcount``'s argument: 3 on CPython 3.10-3.13), measured with the same code, so that a
-    Python that counts differently (3.14 borrows references on the stack) is measured, not assumed; 0 (never
-    reuse a buffer) where one more holder does not show in the count."""
-    free = next(sys.getrefcount(b) for b in [np.empty(1)])
-    holder = [np.empty(1)]  # one more reference to the array below
-    return free if next(sys.getrefcount(b) for b in [holder[0]]) == free + 1 else 0
-
-
-_FREE_REFS = _free_refs()
-
-
 def _gather(a, rows, pool: dict, slot: int):
     """The rows ``rows`` of ``a``: on the CPU through NumPy's gather (about 2x ``index_select``'s on the same
     memory) into a host buffer of ``pool`` that no tensor uses any more (writing into memory used before
@@ -124,7 +110,7 @@ def _gather(a, rows, pool: dict, slot: int):
             return a.index_select(0, rows)
         shape = (int(rows.shape[0]), *src.shape[1:])
         bufs = pool.setdefault((slot, shape, src.dtype), [])
-        buf = next((b for b in bufs if sys.getrefcount(b) == _FREE_REFS), None) if _FREE_REFS else None
+        buf = next((b for b in bufs if only_held_by(1, b)), None)  # (1: the pool's list)
         if buf is None:
             buf = np.empty(shape, src.dtype)
             if len(bufs) < 2:  # the epoch's chunk and the last one (its last batch may still be held)
