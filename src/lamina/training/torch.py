@@ -207,9 +207,7 @@ class _TorchOptim:
                              "lm.save(model, path, optimizer=opt), on any rank")
 
     def step(self, entries, grads, lr):
-        if self.opt is None or len(entries) != len(self.tensors) or any(
-                p.value is not t for (_, p), t in zip(entries, self.tensors)):  # stepped: drawn already
-            self._bind(entries)
+        self._bind(entries)  # (a no-op while the tensors are those it stepped)
         if grads is not None:
             for (k, _), t in zip(entries, self.tensors):
                 if t.grad is not grads[k]:
