@@ -79,6 +79,10 @@ class Parameter:
         dtype: a dtype name, ``"float32"`` by default; with ``value``, the array's own dtype unless given
             (Python numbers and lists become float32, as torch's default).
         trainable: ``False`` freezes it: no gradient, never updated by an optimizer.
+        order: ``"C"`` (row-major, the default) or ``"F"``: a matrix kept in column-major memory where
+            the backend has strided arrays (torch), as ``torch.nn.Linear`` keeps its weight. Values, shape
+            and gradients are the same either way; ``Linear`` asks for ``"F"`` for its (in, out) weight,
+            whose product ``x @ weight`` torch's CPU kernels compute ~6% faster from that memory.
         value: an initial array instead of ``shape`` and ``init`` (its shape and dtype are kept). A
             ``shape`` given with it must be the value's (a ``ShapeError`` otherwise). ``lm.Parameter(2.5)`` or
             ``lm.Parameter([1.0, 2.0])`` is a ``TypeError`` pointing to ``value=``: a list of ints is a shape.
@@ -96,9 +100,10 @@ class Parameter:
     """
 
     _is_buffer = False
+    _order = "C"  # (a class default: parameters pickled before the option existed are row-major)
 
     def __init__(self, shape=None, init=None, *, dtype: str | None = None, trainable: bool = True,
-                 value=None):
+                 value=None, order: str = "C"):
         if value is None and shape is not None and _is_array(shape):
             value, shape = shape, None  # lm.Parameter(array), as torch.nn.Parameter(tensor)
         if value is not None:
@@ -121,6 +126,9 @@ class Parameter:
             raise TypeError(f"init must be an initializer callable init(shape, rng), got {init!r}")
         self.init = init if init is not None else (
             _init.xavier_uniform() if len(self.shape) >= 2 else _init.zeros())
+        self._check_order(order)
+        if order == "F":
+            self._order = "F"
         self._trainable = bool(trainable)
         self.name = ""  # the attribute name it was first registered under
         self._value = None
@@ -237,6 +245,25 @@ class Parameter:
             self.backend.set_trainable(self._value, self._trainable)
 
     @property
+    def order(self) -> str:
+        """The memory order of the value: ``"C"`` (row-major) or ``"F"`` (column-major; see the constructor).
+        Setting it lays the value out anew where the backend has strided arrays (torch: a new tensor with the
+        same values, which an optimizer picks up with its state, as after ``model.to``)."""
+        return self._order
+
+    @order.setter
+    def order(self, order: str) -> None:
+        self._check_order(order)
+        self._order = order
+        if self._value is not None and not self._is_buffer:
+            self._set_value(self._value, in_place=False)
+
+    def _check_order(self, order) -> None:
+        if order not in ("C", "F") or (order == "F" and len(self.shape) != 2):
+            raise ValueError(f"lm.Parameter: order is 'C' (row-major) or 'F' (column-major, for a matrix), got "
+                             f"order={order!r} for shape {_fmt_shape(self.shape)}")
+
+    @property
     def backend(self):
         """The backend adapter the value lives on."""
         if self._backend is not None:  # (read for every value set: the import below costs ~1 us)
@@ -343,11 +370,11 @@ class Parameter:
                 else:
                     m.__dict__[name] = value
 
-    def _set_value(self, array) -> None:
+    def _set_value(self, array, in_place: bool = True) -> None:
         if not self._is_buffer:
-            array = self.backend.make_parameter(array, self.trainable)
+            array = self.backend.make_parameter(array, self.trainable, self._order)
         old = self._value
-        if old is not None:
+        if old is not None and in_place:
             array = self.backend.assign(old, array)
         if array is not old:
             context.note_value(old, array, self)

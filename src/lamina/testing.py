@@ -160,7 +160,10 @@ def check_layer(layer: Module, input_shape: tuple, *, output_shape: tuple | None
             # 5. finite differences in float64 on the numpy backend
             ad = {k: np.asarray(b.to_numpy(g), dtype=np.float64) for k, g in grads.items()}
             layer.to(backend="numpy")
-            values = {k: p.numpy().astype(np.float64) for k, p in [*layer.named_parameters(), *layer.named_buffers()]}
+            # row-major copies: element i of reshape(-1) is then a view of the value (a torch Linear weight is
+            # column-major, and reshape would copy it)
+            values = {k: np.array(p.numpy(), dtype=np.float64, order="C")
+                      for k, p in [*layer.named_parameters(), *layer.named_buffers()]}
             x64 = x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
             from .functional import functional_call
 

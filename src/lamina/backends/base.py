@@ -78,8 +78,9 @@ class Backend:
         converts them before it writes anything."""
         return False
 
-    def make_parameter(self, value, trainable: bool):
-        """The array to hand to ``forward`` for a parameter (a ``torch.nn.Parameter`` on torch)."""
+    def make_parameter(self, value, trainable: bool, order: str = "C"):
+        """The array to hand to ``forward`` for a parameter (a ``torch.nn.Parameter`` on torch); ``order``: the
+        parameter's memory order (``"F"``: a column-major matrix), for backends with strided arrays."""
         return value
 
     def host_view(self, x) -> np.ndarray | None:

@@ -807,7 +807,7 @@ class TensorflowBackend(Backend):
         x = x.detach().cpu() if hasattr(x, "detach") else x
         return tf.constant(np.array(np.from_dlpack(x), copy=True))
 
-    def make_parameter(self, value, trainable):
+    def make_parameter(self, value, trainable, order="C"):
         if isinstance(value, tf.Variable) and value.trainable == bool(trainable):
             return value
         return tf.Variable(value, trainable=bool(trainable) and (value.dtype.is_floating or value.dtype.is_complex))

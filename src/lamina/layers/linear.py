@@ -58,7 +58,7 @@ class Linear(Module):
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"Linear: {name} must be a positive int, got {v!r}")
         self.out_features = out_features
-        self.weight = Parameter((in_features, out_features),
+        self.weight = Parameter((in_features, out_features), order="F",  # (torch: nn.Linear's memory, see Parameter)
                                 init=weight_init or _init.kaiming_uniform(math.sqrt(5), nonlinearity="leaky_relu"))
         self.bias = Parameter((out_features,), init=bias_init or _init.zeros()) if bias else None
 

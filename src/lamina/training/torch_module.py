@@ -131,6 +131,7 @@ def _torch_module_class():
             self._optimizers: list = []  # weak references to the lm.optim optimizers that stepped our shards
             self._paths: list[tuple[str, torch.nn.Module, str, object]] = []
             for path, p in model.named_parameters():
+                p.order = "C"  # FSDP2 refuses other memory (a Linear weight's is column-major): torch's own layout
                 owner, name = self._owner(path)
                 owner.register_parameter(name, p.value)
                 self._paths.append((path, owner, name, p))
@@ -226,7 +227,9 @@ def _torch_module_class():
 
 def as_torch_module(model):
     """A ``torch.nn.Module`` that shares ``model``'s tensors (see the module docstring). The model must be on the
-    torch backend and built (call it once, or ``model.build(shape)``)."""
+    torch backend and built (call it once, or ``model.build(shape)``). Its parameters are made row-major first
+    (``order="C"``; a ``Linear`` weight is column-major otherwise): FSDP2's ``fully_shard`` takes no other
+    memory."""
     if model.backend != "torch":
         raise BackendError(f"as_torch_module() needs a model on the torch backend; this one is on "
                            f"{model.backend}: move it first with model.to(backend='torch')")
