@@ -18,8 +18,16 @@ def column_major(t) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _on_torch():
+def _on_torch(monkeypatch):
     lm.set_backend("torch")
+    monkeypatch.setattr("lamina.backends.torch.COLUMN_MAJOR_FROM", 1)  # the small test layers column-major too
+
+
+def test_linear_weights_are_column_major_from_a_size_on(monkeypatch):
+    monkeypatch.setattr("lamina.backends.torch.COLUMN_MAJOR_FROM", 4096)
+    small, large, lazy = lm.Linear(64, 8), lm.Linear(784, 512), lm.Linear(10)
+    lazy(np.zeros((2, 512), np.float32))  # built on the input: 512 x 10
+    assert small.weight.is_contiguous() and column_major(large.weight) and column_major(lazy.weight)
 
 
 def data(rows=16, width=5, classes=3, seed=0):
@@ -104,16 +112,14 @@ def test_fit_matches_torch_nn_and_torch_optim_with_the_state_laid_out_as_the_par
             np.testing.assert_allclose(ours, ref_opt.state[ref[i].weight][slot].numpy().T, rtol=1e-5, atol=1e-7)
 
 
-def test_training_resumed_from_a_checkpoint_continues_the_same_updates(tmp_path):
+def train(net, opt, epochs):
     x, y = data(rows=48)
+    lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=16, shuffle=False, epochs=epochs, progress=False)
 
-    def train(net, opt, epochs):
-        lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=16, shuffle=False, epochs=epochs,
-               progress=False)
 
+def test_training_resumed_from_a_checkpoint_continues_the_same_updates(tmp_path):
     whole, _ = _twins()
-    whole_opt = lm.optim.Adam(whole, lr=0.01)
-    train(whole, whole_opt, 4)
+    train(whole, lm.optim.Adam(whole, lr=0.01), 4)
 
     first, _ = _twins()
     first_opt = lm.optim.Adam(first, lr=0.01)
@@ -180,15 +186,8 @@ def test_changing_the_order_between_epochs_carries_the_optimizer_state_over():
     """A new memory order is a new tensor: the optimizer moves its state onto it, laid out as the new tensor
     (torch's fused Adam reads its moments as laid out like the parameter: a column-major moment carried onto
     a row-major weight would update wrong without a word)."""
-    x, y = data(rows=48)
-
-    def train(net, opt, epochs):
-        lm.fit(net, lm.losses.cross_entropy, opt, (x, y), batch_size=16, shuffle=False, epochs=epochs,
-               progress=False)
-
     whole, _ = _twins()
-    whole_opt = lm.optim.Adam(whole, lr=0.01)
-    train(whole, whole_opt, 4)
+    train(whole, lm.optim.Adam(whole, lr=0.01), 4)
     net, _ = _twins()
     opt = lm.optim.Adam(net, lr=0.01)
     train(net, opt, 2)

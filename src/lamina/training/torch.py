@@ -172,6 +172,7 @@ class _TorchOptim:
         self.opt = None
         self.tensors: list = []  # the parameters' tensors, as the model holds them
         self.stepped: list = []  # what torch.optim steps: each tensor, or its contiguous transpose (see _memory)
+        self.transposed: list = []  # (tensor, its transpose) where the two differ
         self.names: list = []
         self.count = 0  # updates done (torch's SGD keeps no count of its own)
 
@@ -190,6 +191,7 @@ class _TorchOptim:
                                                                                          tensors[0].device):
             fast = {"fused": True}
         self.tensors, self.stepped, self.names = tensors, [_memory(t) for t in tensors], [k for k, _ in entries]
+        self.transposed = [(t, s) for t, s in zip(tensors, self.stepped) if s is not t]
         self.opt = self.cls(self.stepped, **kwargs, **fast)
         if carried:
             self._import(carried)
@@ -211,23 +213,22 @@ class _TorchOptim:
 
     def step(self, entries, grads, lr):
         self._bind(entries)  # (a no-op while the tensors are those it stepped)
-        if grads is not None:
+        if grads is not None:  # (autograd's own gradients are laid out as their parameters already)
             for (k, _), t in zip(entries, self.tensors):
-                if t.grad is not grads[k]:
-                    t.grad = grads[k]
-        for t, s in zip(self.tensors, self.stepped):
-            g = t.grad
-            if g is None or _sharded(s):
-                continue
-            if s is not t:  # a transposed parameter: its gradient seen as the memory's
-                g = g.t()
-            if g.stride() != s.stride():  # torch's fused Adam reads a gradient as laid out like its parameter
-                g = torch.empty_like(s).copy_(g)  # (torch 2.13, CPU: silently wrong updates otherwise)
-            if s.grad is not g:
-                s.grad = g
+                g = grads[k]
+                if g is not None and not _sharded(t) and g.stride() != t.stride():
+                    # torch's fused Adam reads a gradient as laid out like its parameter (torch 2.13, CPU:
+                    # silently wrong updates otherwise)
+                    g = torch.empty_like(t).copy_(g)
+                if t.grad is not g:
+                    t.grad = g
+        for t, s in self.transposed:  # the gradient of a column-major weight, seen as its memory's
+            s.grad = None if t.grad is None else t.grad.t()
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
+        for _, s in self.transposed:  # (not kept: the gradient's memory is free once the parameter drops it)
+            s.grad = None
         self.count += 1
 
     def rebind(self, entries) -> None:
