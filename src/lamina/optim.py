@@ -155,6 +155,7 @@ class Optimizer:
             old = self._engine
             carried = old.export() if old is not None and hasattr(old, "export") else {}
             self._engine = trainer_for(backend).engine(self, backend)
+            self.step_cache.clear()  # fit's cached train steps hold the old engine
             if carried:  # the model moved (model.to(backend=...)): its moments and step count move with it
                 try:
                     self.load_state_dict(carried)

@@ -197,8 +197,11 @@ class _TorchOptim:
             self._import(carried)
 
     def _binds(self, tensors) -> bool:
+        # (a transposed view must still be the memory of its tensor: copy.deepcopy((model, opt)) gives the
+        # copied view memory of its own, which no model holds)
         return (self.opt is not None and len(tensors) == len(self.tensors)
-                and all(a is b for a, b in zip(tensors, self.tensors)))
+                and all(a is b for a, b in zip(tensors, self.tensors))
+                and all(s.data_ptr() == t.data_ptr() for t, s in self.transposed))
 
     def _check_whole(self, entries) -> None:
         """The state leaves the engine whole only from ``gather_into_model`` (every rank at once), never by
@@ -216,7 +219,8 @@ class _TorchOptim:
         if grads is not None:  # (autograd's own gradients are laid out as their parameters already)
             for (k, _), t in zip(entries, self.tensors):
                 g = grads[k]
-                if g is not None and not _sharded(t) and g.stride() != t.stride():
+                if (isinstance(g, torch.Tensor) and not _sharded(t) and g.shape == t.shape and g.dtype == t.dtype
+                        and g.device == t.device and g.stride() != t.stride()):  # (anything else: torch's error)
                     # torch's fused Adam reads a gradient as laid out like its parameter (torch 2.13, CPU:
                     # silently wrong updates otherwise)
                     g = torch.empty_like(t).copy_(g)
