@@ -228,8 +228,9 @@ def _torch_module_class():
 def as_torch_module(model):
     """A ``torch.nn.Module`` that shares ``model``'s tensors (see the module docstring). The model must be on the
     torch backend and built (call it once, or ``model.build(shape)``). Its parameters are made row-major first
-    (``order="C"``; a ``Linear`` weight is column-major otherwise): FSDP2's ``fully_shard`` takes no other
-    memory."""
+    (``order="C"``; a large ``Linear`` weight is column-major otherwise): FSDP2's ``fully_shard`` takes no other
+    memory. Such a weight gets a new tensor (its gradient is dropped): take references to the model's tensors
+    after this call. ``lm.optim`` optimizers follow by themselves."""
     if model.backend != "torch":
         raise BackendError(f"as_torch_module() needs a model on the torch backend; this one is on "
                            f"{model.backend}: move it first with model.to(backend='torch')")
