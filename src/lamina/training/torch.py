@@ -231,8 +231,8 @@ class _TorchOptim:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        for _, s in self.transposed:  # (not kept: the gradient's memory is free once the parameter drops it)
-            s.grad = None
+        for _, s in self.transposed:  # not kept: fit drops the parameters' gradients before each step, and
+            s.grad = None             # a view kept here would hold a second set of them through the next backward
         self.count += 1
 
     def rebind(self, entries) -> None:
