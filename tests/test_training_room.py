@@ -327,3 +327,19 @@ def test_grouping_is_chosen_from_measured_times():
     assert after(middle, grouped=16 * 2.5e-3).k == 16  # grouped: 2.5 ms a step
     assert after(middle, grouped=16 * 2.99e-3).k == 1  # within 2%: not worth a second program's memory
     assert after(middle, grouped=16 * 9e-3).k == 1  # convolutions inside a loop
+
+
+def test_the_jax_protective_copy_keeps_every_bit_in_new_buffers():
+    """fit's protective copy on jax (a select on a traced True, one fused kernel): the same bits as the originals,
+    NaNs and signed zeros included, in buffers of their own."""
+    jax = pytest.importorskip("jax")
+    from lamina.training.jax import _copy
+
+    arrays = [jax.numpy.asarray(np.array([np.nan, -0.0, np.inf, 1.5], np.float32)),
+              jax.numpy.asarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+              jax.numpy.asarray(np.array([True, False])), jax.numpy.asarray(np.uint32(7))]
+    copies = _copy(arrays)
+    for a, c in zip(arrays, copies):
+        assert c.dtype == a.dtype and c.shape == a.shape
+        np.testing.assert_array_equal(np.asarray(c).view(np.uint8), np.asarray(a).view(np.uint8))
+        assert c.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()
