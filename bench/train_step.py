@@ -8,7 +8,9 @@ Workloads (issue 13):
 Candidates, per backend:
   lamina fit          ``lm.fit`` with its defaults over (X, Y) NumPy arrays (shuffling, batching, bookkeeping in)
   lamina fit k=1      jax only: ``fit(steps_per_call=1)``, one compiled call per step
-  lamina loop         ``lm.value_and_grad`` + ``opt.step(grads)`` (on torch: ``loss.backward()`` + ``opt.step()``)
+  lamina loop         ``lm.value_and_grad`` + ``opt.step(grads)``, on every backend
+  lamina backward     torch only: the torch way with Lamina's model and optimizer, ``opt.zero_grad()``,
+                      ``loss.backward()``, ``opt.step()``
   torch Adam()        torch.nn + torch.optim.Adam(), what most users write
   torch Adam(fused)   torch.nn + torch.optim.Adam(fused=True): the best hand-written torch loop on CPU
   torch channels_last (cnn) the fused loop with the input in channels-last memory: oneDNN's fast layout
@@ -133,6 +135,17 @@ def lamina_candidates(backend, name, steps):
         b.to_numpy(model.state_dict()[next(iter(model.state_dict()))])  # wait for the device
 
     out["lamina loop"] = loop
+    if backend == "torch":
+        model2 = lamina_model(name)
+        opt2 = lm.optim.Adam(model2, lr=1e-3)
+
+        def backward_loop():
+            for xb, yb in zip(bx, by):
+                opt2.zero_grad()
+                loss(model2(xb), yb).backward()
+                opt2.step()
+
+        out["lamina backward"] = backward_loop
     return out
 
 

@@ -92,3 +92,17 @@ def test_parameter_declared_unknown_but_never_materialized_is_an_error(backend):
 
     with pytest.raises(lm.UninitializedParameterError, match=r"parameter 'w'.*materialize"):
         Forgot()(rand(2, 4))
+
+
+def test_a_built_model_that_gets_a_lazy_layer_is_unbuilt_again(backend):
+    """``is_built`` is remembered per structure (value_and_grad and fit ask it on every call), so a layer added
+    later must count: the model is unbuilt until it sees an input again, then built with the new shapes."""
+    net = lm.Sequential(lm.Linear(4, 3))
+    net(rand(5, 4))
+    assert net.is_built
+    net.append(lm.Linear(2))
+    assert not net.is_built and not net.get_parameter("1.weight").is_built
+    net(rand(5, 4))
+    assert net.is_built and net.get_parameter("1.weight").shape == (3, 2)
+    net[1].extra = lm.Parameter((None, 7))  # a lazy parameter assigned to a built layer
+    assert not net.is_built

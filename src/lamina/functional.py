@@ -56,8 +56,9 @@ def _swapped(model: Module, params: dict, carry: list | None = None):
     try:
         for path, value in params.items():
             p = idx.paths[path]
-            p.show(value)
-            shown.append(p)
+            if value is not p._value:  # (its own value is shown already: an eager value_and_grad's case)
+                p.show(value)
+                shown.append(p)
         yield frame["writes"]
     finally:
         frames.pop()
@@ -80,6 +81,8 @@ def _checked(path: str, p: Parameter, value, backend):
     """``value`` for parameter ``p``: a Parameter gives its value; NumPy and other backends' arrays are converted
     to the model's backend in the parameter's dtype; a shape that does not fit is a ``ShapeError``. Arrays of
     the model's backend (tracers included) pass as they are."""
+    if value is p._value:
+        return value
     if isinstance(value, Parameter):
         value = value.value
     if not backend.is_native(value):

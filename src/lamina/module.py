@@ -271,8 +271,12 @@ class Module:
 
     def _needs_build(self) -> bool:
         idx = self._index()
-        return (any(not m._built and m._build_hook is not None for _, m in idx.modules)
-                or any(not p.is_built for _, p in idx.entries))
+        if idx.built:
+            return False
+        needs = (any(not m._built and m._build_hook is not None for _, m in idx.modules)
+                 or any(not p.is_built for _, p in idx.entries))
+        idx.built = not needs
+        return needs
 
     def dry_run(self, *args, **kwargs):
         """Call the model once on example inputs in eval mode without gradients (so every lazy layer builds

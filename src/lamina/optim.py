@@ -105,7 +105,7 @@ class Optimizer:
         #: the train steps ``fit`` built for this optimizer (per model, loss and compile choice), kept so
         #: that calling ``fit`` again does not compile again; they go when the optimizer goes
         self.step_cache: dict = {}
-        self._named: tuple | None = None  # (structure version, [(path, Parameter)]) of a parameter list
+        self._named: tuple | None = None  # (structure version, [(path, trainable Parameter)])
         self._paths: tuple | None = None  # (structure version, {name: path in the whole model}), see step
 
     # ----- the update rule (override in subclasses) ---------------------------------------------------
@@ -130,13 +130,12 @@ class Optimizer:
 
     # ----- parameters ----------------------------------------------------------------------------------
     def entries(self) -> list:
-        """``(path, Parameter)`` of every trainable parameter, each shared one once."""
-        if self._model is not None:
-            return [(k, p) for k, p in self._model.named_parameters() if p.trainable]
-        version = context.structure_version()
+        """``(path, Parameter)`` of every trainable parameter, each shared one once (a new list each call)."""
+        version = context.structure_version()  # (a trainable flag flipping changes it too)
         if self._named is None or self._named[0] != version:
-            self._named = (version, _names_of(self._params))
-        return [(k, p) for k, p in self._named[1] if p.trainable]
+            named = self._model.named_parameters() if self._model is not None else _names_of(self._params)
+            self._named = (version, [(k, p) for k, p in named if p.trainable])
+        return list(self._named[1])
 
     def current_lr(self) -> float:
         """The learning rate of the next update: ``schedule(steps)`` if there is a schedule, else ``lr``."""

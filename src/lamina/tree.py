@@ -18,10 +18,12 @@ __all__ = ["Index", "index", "path_of", "root_of"]
 class Index:
     """A module tree flattened once: deduplicated parameters, buffers and modules with their paths."""
 
-    __slots__ = ("version", "entries", "modules", "paths")
+    __slots__ = ("version", "entries", "modules", "paths", "built")
 
     def __init__(self, root):
         self.version = context.structure_version()
+        self.built = False  # set by Module._needs_build once every module and parameter is built (it stays so
+        # until the structure changes, which makes a new index)
         self.entries: list = []  # (path, Parameter) for parameters and buffers, first path of each
         self.modules: list = []  # (path, Module), pre-order, each once
         self.paths: dict = {}  # every path, aliases of tied parameters included

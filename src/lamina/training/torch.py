@@ -219,13 +219,14 @@ class _TorchOptim:
         if grads is not None:  # (autograd's own gradients are laid out as their parameters already)
             for (k, _), t in zip(entries, self.tensors):
                 g = grads[k]
-                if (isinstance(g, torch.Tensor) and not _sharded(t) and g.shape == t.shape and g.dtype == t.dtype
-                        and g.device == t.device and g.stride() != t.stride()):  # (anything else: torch's error)
+                if t.grad is g:
+                    continue
+                if (isinstance(g, torch.Tensor) and g.stride() != t.stride() and g.shape == t.shape
+                        and g.dtype == t.dtype and g.device == t.device and not _sharded(t)):
                     # torch's fused Adam reads a gradient as laid out like its parameter (torch 2.13, CPU:
-                    # silently wrong updates otherwise)
+                    # silently wrong updates otherwise); anything else unlike it gets torch's own error
                     g = torch.empty_like(t).copy_(g)
-                if t.grad is not g:
-                    t.grad = g
+                t.grad = g
         for t, s in self.transposed:  # the gradient of a column-major weight, seen as its memory's
             s.grad = None if t.grad is None else t.grad.t()
         for group in self.opt.param_groups:
