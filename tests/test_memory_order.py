@@ -198,3 +198,21 @@ def test_changing_the_order_between_epochs_carries_the_optimizer_state_over():
         train(net, opt, 1)
     for k, p in whole.named_parameters():
         np.testing.assert_allclose(net.get_parameter(k).numpy(), p.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_gradient_set_by_hand_on_a_column_major_weight_gives_torch_optims_update():
+    """``p.grad = row-major tensor`` then ``opt.step()``: the engine hands torch.optim the weight's memory (its
+    transpose), and the gradient must come in that layout too (the fused Adam misreads it otherwise)."""
+    lin = lm.Linear(12, 6)
+    w0 = lin.get_parameter("weight").numpy().copy()
+    assert column_major(lin.weight)
+    t = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt, ref = lm.optim.Adam(lin, lr=0.1), torch.optim.Adam([t], lr=0.1, foreach=False)
+    for seed in range(3):
+        g = torch.from_numpy(np.random.default_rng(seed).standard_normal((12, 6)).astype(np.float32))
+        lin.get_parameter("weight").grad = g.clone()  # row-major, unlike the weight
+        lin.get_parameter("bias").grad = torch.zeros(6)
+        opt.step()
+        t.grad = g.clone()
+        ref.step()
+    np.testing.assert_allclose(lin.get_parameter("weight").numpy(), t.detach().numpy(), rtol=1e-6, atol=1e-6)

@@ -228,7 +228,12 @@ class _TorchOptim:
                     g = torch.empty_like(t).copy_(g)
                 t.grad = g
         for t, s in self.transposed:  # the gradient of a column-major weight, seen as its memory's
-            s.grad = None if t.grad is None else t.grad.t()
+            g = t.grad
+            if g is not None:
+                g = g.t()
+                if g.stride() != s.stride():  # a gradient set by hand (p.grad = ...) in row-major memory
+                    g = g.contiguous()
+            s.grad = g
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
