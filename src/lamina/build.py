@@ -10,7 +10,7 @@ seed gives the same weights whatever the build order and on every backend.
 
 from __future__ import annotations
 
-from . import init
+from . import context, init
 from .errors import UninitializedParameterError
 from .parameter import _fmt_shape
 from .tree import index, root_of
@@ -42,12 +42,14 @@ def undo_build(m, params: dict, modules: dict, declared: dict) -> None:
     for name in [n for n in m._modules if m._modules[n] is not modules.get(n)]:
         m._unregister(name)
     for name, p in params.items():
-        p.shape = declared[id(p)]
+        if p.shape != declared[id(p)]:
+            p.shape = declared[id(p)]
+            context.bump_structure()  # remembered answers (is_built) about this parameter are stale
         if name not in m._params:
             m._register_parameter(name, p)
-    for name, m in modules.items():
+    for name, child in modules.items():
         if name not in m._modules:
-            m._register_module(name, m)
+            m._register_module(name, child)
 
 def call_hook(m, cls, shapes):
     hook = cls.__dict__["_build_hook"]

@@ -52,11 +52,15 @@ def _swapped(model: Module, params: dict, carry: list | None = None):
     shown = []
     frame = {"writes": {}, "written": {}, "paths": {id(p): path for path, p in idx.entries}}
     frames = context.pure_frames()
+    # inside another pure call (functional_call within value_and_grad's fn) the modules show the outer call's
+    # values, not the parameters' own: show every given value, and give the outer ones back afterwards
+    nested = bool(frames)
+    outer = [(m, m.__dict__.copy()) for _, m in idx.modules] if nested else None
     frames.append(frame)
     try:
         for path, value in params.items():
             p = idx.paths[path]
-            if value is not p._value:  # (its own value is shown already: an eager value_and_grad's case)
+            if nested or value is not p._value:  # (at the top, its own value is shown already)
                 p.show(value)
                 shown.append(p)
         yield frame["writes"]
@@ -66,6 +70,11 @@ def _swapped(model: Module, params: dict, carry: list | None = None):
             p.show()
         for p in frame["written"].values():
             p.show()
+        if nested:
+            for m, d in outer:
+                for name in m._params:
+                    if name in d:
+                        m.__dict__[name] = d[name]
         for m, name, before in frame.get("attrs", {}).values():  # never leave a tracer behind in a module
             value = m.__dict__.get(name)
             if model_backend.is_traced(value):

@@ -219,8 +219,8 @@ class _TorchOptim:
         if grads is not None:  # (autograd's own gradients are laid out as their parameters already)
             for (k, _), t in zip(entries, self.tensors):
                 g = grads[k]
-                if t.grad is g:
-                    continue
+                if t.grad is g and (not isinstance(g, torch.Tensor) or g.stride() == t.stride()):
+                    continue  # (opt.step() after backward passes each .grad: one set by hand may be laid out unlike it)
                 if (isinstance(g, torch.Tensor) and g.stride() != t.stride() and g.shape == t.shape
                         and g.dtype == t.dtype and g.device == t.device and not _sharded(t)):
                     # torch's fused Adam reads a gradient as laid out like its parameter (torch 2.13, CPU:
