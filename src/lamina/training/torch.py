@@ -218,15 +218,14 @@ class _TorchOptim:
         self._bind(entries)  # (a no-op while the tensors are those it stepped)
         if grads is not None:  # (autograd's own gradients are laid out as their parameters already)
             for (k, _), t in zip(entries, self.tensors):
-                g = grads[k]
-                if t.grad is g and (not isinstance(g, torch.Tensor) or g.stride() == t.stride()):
-                    continue  # (opt.step() after backward passes each .grad: one set by hand may be laid out unlike it)
+                g = grads[k]  # (opt.step() after backward passes each .grad: one set by hand may be laid out unlike it)
                 if (isinstance(g, torch.Tensor) and g.stride() != t.stride() and g.shape == t.shape
                         and g.dtype == t.dtype and g.device == t.device and not _sharded(t)):
                     # torch's fused Adam reads a gradient as laid out like its parameter (torch 2.13, CPU:
                     # silently wrong updates otherwise); anything else unlike it gets torch's own error
                     g = torch.empty_like(t).copy_(g)
-                t.grad = g
+                if t.grad is not g:
+                    t.grad = g
         for t, s in self.transposed:  # the gradient of a column-major weight, seen as its memory's
             g = t.grad
             if g is not None:
