@@ -185,3 +185,22 @@ def test_register_buffer_none_is_none_and_not_saved_as_torch(backend):
     assert m.nn is None and ref.nn is None
     assert sorted(m.state_dict()) == sorted(ref.state_dict()) == ["bias", "weight"]
     assert [n for n, _ in m.named_buffers()] == [n for n, _ in ref.named_buffers()] == []
+
+
+def test_owner_and_the_references_lamina_keeps(backend):
+    """``p.owner``: the module that holds the parameter, None for a free one. ``p.own_references()``: the
+    parameter's reference to its value and one per module attribute showing it (what a training room compares
+    the value's reference count with)."""
+    import sys
+
+    layer = lm.Linear(3, 2)
+    w = layer.get_parameter("weight")
+    assert w.owner is layer and lm.Parameter((2,)).owner is None
+    w.value  # (drawn)
+    assert w.own_references() == 2  # the parameter and layer.__dict__["weight"]
+    free = lm.Parameter(value=np.ones(2, np.float32))
+    assert free.own_references() == 0  # not drawn yet: no value
+    v = free.value
+    assert free.own_references() == 1
+    # the count is what it says: the value's references are Lamina's, this test's name v, and getrefcount's
+    assert sys.getrefcount(v) == free.own_references() + 2

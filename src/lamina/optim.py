@@ -204,7 +204,7 @@ class Optimizer:
         gradients of the part itself). Free when every name is its path (an optimizer over the whole model)."""
         version = context.structure_version()
         if self._paths is None or self._paths[0] != version:
-            paths = _model_paths(entries)
+            paths = {k: path for (k, _), path in zip(entries, _model_paths(p for _, p in entries)) if path is not None}
             self._paths = (version, paths if any(paths.get(k, k) != k for k, _ in entries) else None)
         paths = self._paths[1]
         if paths is None:
@@ -333,15 +333,7 @@ def _names_of(params: list) -> list:
     """``(path, Parameter)`` for a list of parameters: each one's first dotted path in its whole model
     (through its owner modules), or its position in the list when it belongs to no module. Parameters of
     different models that share a path are told apart by their position (``"weight@1"``)."""
-    from .tree import root_of
-
-    named = []
-    for i, p in enumerate(params):
-        path = None
-        owner = p._owner_module()
-        if owner is not None:
-            path = next((k for k, q in root_of(owner).named_parameters() if q is p), None)
-        named.append([str(i) if path is None else path, p])
+    named = [[str(i) if path is None else path, p] for i, (p, path) in enumerate(zip(params, _model_paths(params)))]
     counts: dict = {}
     for k, _ in named:
         counts[k] = counts.get(k, 0) + 1
@@ -351,22 +343,19 @@ def _names_of(params: list) -> list:
     return [(k, p) for k, p in named]
 
 
-def _model_paths(entries: list) -> dict:
-    """``{name: path}``: each entry's path in its whole model (through its owner modules), where it has one."""
+def _model_paths(params) -> list:
+    """Each parameter's first dotted path in its whole model (through its owner modules), or None where it
+    belongs to no module (an FSDP2 shard has no owner either)."""
     from .tree import root_of
 
     maps: dict = {}  # id(root) -> {id(parameter): path}
-    out = {}
-    for k, p in entries:
-        owner = p._owner_module() if hasattr(p, "_owner_module") else None  # (an FSDP2 shard has none)
-        if owner is None:
-            continue
-        root = root_of(owner)
-        if id(root) not in maps:
+    out = []
+    for p in params:
+        owner = getattr(p, "owner", None)
+        root = root_of(owner) if owner is not None else None
+        if root is not None and id(root) not in maps:
             maps[id(root)] = {id(q): path for path, q in root.named_parameters()}
-        path = maps[id(root)].get(id(p))
-        if path is not None:
-            out[k] = path
+        out.append(None if root is None else maps[id(root)].get(id(p)))
     return out
 
 

@@ -154,6 +154,20 @@ class Parameter:
         return context.parameter_of(array)
 
     @property
+    def owner(self):
+        """The first module that holds this parameter (whose ``forward`` reads it), or None for a free one."""
+        return self._owner_module()
+
+    def own_references(self) -> int:
+        """How many references Lamina itself keeps to the current value: the parameter's, and one for each
+        owner module that shows it as an attribute. A training room compares the value's reference count
+        with this to tell whether anyone else (a ``state_dict()`` snapshot, a callback) holds it too."""
+        v = self._value
+        if v is None:
+            return 0
+        return 1 + sum(1 for ref, name in self._owners if (m := ref()) is not None and m.__dict__.get(name) is v)
+
+    @property
     def is_buffer(self) -> bool:
         """True for a ``Buffer`` (never trained; saved unless ``persistent=False``)."""
         return self._is_buffer

@@ -432,7 +432,7 @@ def _check_optimizer(model: Module, optimizer, built: bool = False) -> bool:
     (False: call again with ``built=True`` after the model's first build)."""
     entries = optimizer.entries()
     own = {id(p) for p in model.parameters()}
-    if any(id(p) in own or p._owner_module() is None for _, p in entries):
+    if any(id(p) in own or p.owner is None for _, p in entries):
         return True
     name = type(optimizer).__name__
     fix = (f"create the optimizer for the model you train: lm.optim.{name}(model), or lm.optim.{name}(model.part) "

@@ -579,9 +579,8 @@ def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
     found = []
     for entry in (entries, buf_entries):
         for _, p in entry:
-            v = p._value
-            shown = sum(1 for ref, name in p._owners if (m := ref()) is not None and m.__dict__.get(name) is v)
-            if only_held_by(1 + shown, v):  # p._value and the owners' entries
+            v = p.value
+            if only_held_by(p.own_references(), v):
                 found.append(v)
     for slots in state.values():
         found += [a for a in slots.values() if only_held_by(1, a)]  # the state's dict
