@@ -62,3 +62,9 @@ class ParameterNotFoundError(LaminaError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def few_names(names: list) -> str:
+    """The first few names, for an error message: ``['a', 'b', ... (9 in all)]``."""
+    more = f", ... ({len(names)} in all)" if len(names) > 4 else ""
+    return "[" + ", ".join(repr(k) for k in names[:4]) + more + "]"

@@ -40,6 +40,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import context
+from .errors import few_names
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
 
@@ -186,8 +187,8 @@ class Optimizer:
             name = type(self).__name__
             if given and grads and not any(k in grads for k, _ in entries):  # not one name in common
                 raise ValueError(f"{name}.step(): the optimizer was made for other parameters than those of the "
-                                 f"gradients: it updates {_shown(missing)}, the gradients are for "
-                                 f"{_shown(list(grads))}; pass the gradients of the model it was made for, or "
+                                 f"gradients: it updates {few_names(missing)}, the gradients are for "
+                                 f"{few_names(list(grads))}; pass the gradients of the model it was made for, or "
                                  f"create it for the model you differentiate: lm.optim.{name}(model)")
             raise ValueError(f"{name}.step(): no gradient for {missing}; compute them first "
                              "(lm.value_and_grad, or loss.backward() on torch)")
@@ -357,12 +358,6 @@ def _model_paths(params) -> list:
             maps[id(root)] = {id(q): path for path, q in root.named_parameters()}
         out.append(None if root is None else maps[id(root)].get(id(p)))
     return out
-
-
-def _shown(names: list) -> str:
-    """The first few names, for an error message: ``['a', 'b', ... (9 in all)]``."""
-    more = f", ... ({len(names)} in all)" if len(names) > 4 else ""
-    return "[" + ", ".join(repr(k) for k in names[:4]) + more + "]"
 
 
 def _check_state(name: str, slots: tuple, entries: list, state) -> dict:

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .backends import backend_of, get_backend
+from .errors import few_names
 from .functional import _python_values
 from .module import Module
-from .optim import _shown
 from .training import active_group, trainer_for
 from .training.base import input_leaves
 from .training.base import map_inputs as _map
@@ -439,7 +439,7 @@ def _check_optimizer(model: Module, optimizer, built: bool = False) -> bool:
            "to train a part of it")
     if entries:
         raise ValueError(f"fit: the optimizer was made for other parameters: none of its parameters "
-                         f"{_shown([k for k, _ in entries])} is one of the model being trained "
+                         f"{few_names([k for k, _ in entries])} is one of the model being trained "
                          f"({type(model).__name__}), so fit would update nothing (an optimizer holds the parameter "
                          f"objects it was made for, not their names: one made for an earlier copy of the model "
                          f"does not follow a new one); {fix}")
