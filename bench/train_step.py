@@ -23,9 +23,9 @@ Candidates, per backend:
                       to the step), the work of fit's default; printed beside ``lamina fit``, never "the best"
 
 Each workload and backend runs in a fresh process, as issue 13's measurements did. Each candidate runs
-``--steps`` steps per round over pre-made batches (but fit and the shuffling loops); rounds are interleaved, so machine noise hits all alike;
-the figure is the median time per step, and the ratios (steps per second of lamina over the best reference of
-its backend) are measured in the same run. For the MLP the share of the matmul roofline is printed, against a
+``--steps`` steps per round over pre-made batches (but fit and the shuffling loops); rounds are interleaved,
+so machine noise hits all alike; the figure is the median time per step, and the ratios (steps per second of
+lamina over the best reference of its backend) are measured in the same run. For the MLP the share of the matmul roofline is printed, against a
 float32 matmul peak measured in the same process. The figures are noisy on a shared machine; for stable ones
 pin a core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
 
@@ -149,7 +149,7 @@ def lamina_candidates(backend, name, steps):
     return out
 
 
-SHUFFLED: dict = {}  # backend -> the name of its hand-written loop that shuffles each epoch, as fit does
+SHUFFLED = {"torch": "torch fused+shuffle", "jax": "jax jit+shuffle"}  # the loops that shuffle each epoch, as fit
 
 
 # ----- hand-written torch ---------------------------------------------------------------------------
@@ -207,7 +207,6 @@ def torch_candidates(name, steps, compile_too):
 
         return run
 
-    SHUFFLED["torch"] = "torch fused+shuffle"
     out = {"torch Adam()": loop_of(False), "torch Adam(fused)": loop_of(True), SHUFFLED["torch"]: shuffled_loop()}
     if name == "cnn":  # what an expert writes for convolutions on a CPU (Lamina's torch backend does it itself)
         out["torch channels_last"] = loop_of(True, channels_last=True)
@@ -311,7 +310,6 @@ def jax_candidates(name, steps):
 
         out["jax jit+optax"] = loop_of(tx.init, optax_update)
     fastest = (tx.init, optax_update) if "jax jit+optax" in out else (adam_init, adam_update)
-    SHUFFLED["jax"] = "jax jit+shuffle"
     out[SHUFFLED["jax"]] = loop_of(*fastest, shuffled=True)
     return out
 
@@ -371,7 +369,7 @@ def run(name, backend, args, peak) -> list:
     shuffled = SHUFFLED[backend]  # the same work as fit's default (a shuffle each epoch): a reference of its own
     best = min(set(refs) - {shuffled}, key=times.get)
     # issue 13's reference: torch.nn + Adam(fused=True) in torch's default layout, jax.jit + optax (or Adam)
-    issue = "torch Adam(fused)" if backend == "torch" else min(set(refs) - {shuffled}, key=times.get)
+    issue = "torch Adam(fused)" if backend == "torch" else best
     print(f"\n[{backend}] {name}   (best hand-written loop: {best})")
     for k, t in times.items():
         line = f"  {k:<20} {t * 1e3:9.3f} ms/step {1 / t:9.1f} steps/s"
