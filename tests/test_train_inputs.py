@@ -113,17 +113,22 @@ def test_fit_with_shuffling_matches_a_hand_loop_over_the_same_batches(grad_backe
     ref = lm.Sequential(lm.Linear(5, 4), lm.ReLU(), lm.Linear(4, 1))
     ref.load_state_dict(net.state_dict())
     for k in (None, 1, 4):
-        lm.fit(net, lm.losses.mse, opt := lm.optim.Adam(net, lr=0.01), (x, y), batch_size=8, epochs=2, seed=5,
-               steps_per_call=k, progress=False)
+        history = lm.fit(net, lm.losses.mse, opt := lm.optim.Adam(net, lr=0.01), (x, y), batch_size=8, epochs=2,
+                         seed=5, steps_per_call=k, progress=False)
         grad = lm.value_and_grad(lambda m, xb, yb: lm.losses.mse(m(xb), yb))
         ref_opt = lm.optim.Adam(ref, lr=0.01)
         order_rng = np.random.default_rng(5)
+        mean_losses = []
         for _ in range(2):
             order = order_rng.permutation(50)
+            total = 0.0
             for i in range(0, 50, 8):
-                _, g = grad(ref, x[order[i:i + 8]], y[order[i:i + 8]])
+                loss, g = grad(ref, x[order[i:i + 8]], y[order[i:i + 8]])
                 ref_opt.step(g)
+                total += float(to_np(loss)) * len(order[i:i + 8])
+            mean_losses.append(total / 50)
         assert opt.steps == 14
+        np.testing.assert_allclose(history["loss"], mean_losses, rtol=1e-5, err_msg=f"k={k}")
         for key, v in weights(ref).items():
             np.testing.assert_allclose(weights(net)[key], v, rtol=1e-5, atol=1e-6, err_msg=f"k={k} {key}")
 

@@ -84,17 +84,20 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         epoch's order: step ``i`` takes rows ``i * full : i * full + size``, with ``table[i]`` as its
         scalars and ``seeds[i]`` as its seed, and writes its loss to ``losses[i]`` (the epoch's losses, read
         back in one transfer rather than one per step: ~1 us a step). ``k=0``: one step, with its loss,
-        outputs and targets; ``k>0``: ``k`` steps as one scan, returning their losses. Returns the new ``i``
-        and ``losses`` too, so the host never sends a step index."""
+        outputs and targets; ``k=-1``: one step, its loss in ``losses`` only (each output array costs ~1 us
+        of dispatch per call, 5% of a small model's step); ``k>0``: ``k`` steps as one scan, returning their losses.
+        Returns the new ``i`` and ``losses`` too, so the host never sends a step index."""
         def one(carry, _):
             p, b, s, j = carry
             xb, yb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, j * full, size), data)
             p, b, s, loss, out, attrs = pure(p, b, consts, s, xb, yb, table[j], seeds[j] if seeds.ndim else seeds)
             return (p, b, s, j + 1), (loss, out, yb, attrs)
 
-        if k == 0:
+        if k <= 0:
             (params, bufs, state, j), (loss, out, yb, attrs) = one((params, bufs, state, i), None)
             losses = jax.lax.dynamic_update_slice_in_dim(losses, loss[None].astype(losses.dtype), i, 0)
+            if k < 0:
+                return params, bufs, state, j, losses, None, None, None, attrs
             return params, bufs, state, j, losses, loss, out, (yb if outputs else None), attrs
         (params, bufs, state, j), (loss, _, _, attrs) = jax.lax.scan(one, (params, bufs, state, i), None, length=k)
         losses = jax.lax.dynamic_update_slice_in_dim(losses, loss.astype(losses.dtype), i, 0)
@@ -112,7 +115,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     fixed = {None: jnp.zeros((), jnp.uint32)}  # made once: no transfer per call
     timing = Grouping(GROUP, GROUP_BELOW_S, TRY_BELOW_S)
     stale = [True]  # user code may have changed what forward reads since trace_key last looked
-    host: dict = {}  # input slot -> [host buffer of the epoch's rows, the last epoch's final loss vector]
+    # input slot -> [host buffer of the epoch's rows, the last epoch's final loss vector, (the model's device,
+    # the device array on that very memory) on CPU, else None]
+    host: dict = {}
     spare: dict = {}  # length -> the last epoch's loss vector, for the next epoch to write over
 
     def seeds(n=None):
@@ -270,7 +275,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                 seeds_ = put(random.next_seeds(len(sizes)))
 
-        def call(size, kk):
+        def call(size, kk, at):
+            """Step ``at`` (``kk`` <= 0) or the ``kk`` steps from it, in one call."""
             nonlocal consts, entries, buf_entries, key
             if sync:  # a batch callback ran since the last call: it may hold the published values (copied now,
                 # never donated) or have changed the model or the optimizer state (read again)
@@ -287,8 +293,11 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             eng.count += max(kk, 1)
             if sync:
                 publish(entries, buf_entries, p, b, st)
+            if kk < 0:  # its loss from the vector (a copy, never a view: the next step donates the vector)
+                loss = np.array(lv)[at]
             return loss, out, yb
 
+        one = 0 if each else -1  # a single step: its outputs and targets only where they are read
         j = 0
         try:
             while j < len(sizes):
@@ -296,7 +305,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 if k is None and timing.k is None:  # the first steps are timed, to choose the grouping
                     check_lrs(j, j + 1)
                     t0 = time.perf_counter()
-                    loss, out, yb = call(size, 0)
+                    loss, out, yb = call(size, one, j)
                     jax.block_until_ready(loss)
                     timing.single(time.perf_counter() - t0)
                     j += 1
@@ -306,7 +315,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     for timed_call in (False, True):  # the first compiles
                         check_lrs(j, j + GROUP)
                         t0 = time.perf_counter()
-                        losses = call(size, GROUP)[0]
+                        losses = call(size, GROUP, j)[0]
                         jax.block_until_ready(losses)
                         if timed_call:
                             timing.grouped(time.perf_counter() - t0)
@@ -320,12 +329,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     attrs, finished = None, False
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
-                            kk_ = kk if kk > 1 and j + kk <= n_full else 0
+                            kk_ = kk if kk > 1 and j + kk <= n_full else -1
                             p, b, st, i, lv, _, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
                                                                           lv, batch_size, batch_size, kk_, key)
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
-                            j += kk_ or 1
+                            j += max(kk_, 1)
                         finished = True
                     finally:  # what the device holds now, even when a call failed
                         held[:] = [p, b, st, i, lv]
@@ -341,12 +350,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     continue
                 if kk > 1 and j + kk <= n_full:
                     check_lrs(j, j + kk)
-                    losses, _, _ = call(size, kk)
+                    losses, _, _ = call(size, kk, j)
                     j += kk
                     yield losses, None, size, kk, None
                     continue
                 check_lrs(j, j + 1)
-                loss, out, yb = call(size, 0)
+                loss, out, yb = call(size, one, j)
                 j += 1
                 yield loss, out, size, 1, yb
         finally:
@@ -368,10 +377,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         (``device_put``: ~7x faster than ``jnp.asarray``)."""
         if type(a) is np.ndarray and a.dtype.kind in "biuf":
             a = convert(a)
-            if order is not None:
-                a = gathered(a, order, slot)
-            # the kept buffer may be shared (no copy); the user's own array is copied, never aliased
-            return get_backend(model.backend).from_numpy(a, model.device, copy=order is None)
+            if order is None:  # the user's own array is copied, never aliased
+                return get_backend(model.backend).from_numpy(a, model.device, copy=True)
+            return shown(gathered(a, order, slot), slot)
         a = model.convert_inputs(a)[0]
         return a if order is None else _permute(a, order.astype(np.int32))
 
@@ -382,7 +390,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         written again, the steps that read it (the last epoch's) are waited for."""
         if a.nbytes > HOST_BUFFER_BYTES:
             return a[order]
-        buf, last = host.get(slot, (None, None))
+        buf, last, _ = host.get(slot, (None, None, None))
         if buf is None or buf.shape != a.shape or buf.dtype != a.dtype or (last is not None and last.is_deleted()):
             raw = np.empty(a.nbytes + 64, np.uint8)
             start = -raw.ctypes.data % 64
@@ -390,8 +398,20 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         elif last is not None:
             jax.block_until_ready(last)
         np.take(a, order, axis=0, out=buf, mode="clip")  # (order: a permutation) "raise" copies via a buffer
-        host[slot] = [buf, None]
+        kept = host.get(slot)
+        host[slot] = [buf, None, kept[2] if kept is not None and kept[0] is buf else None]
         return buf
+
+    def shown(buf, slot):
+        """The device array of the host buffer of ``slot``: on CPU the one made for an earlier epoch, which is
+        that memory itself and so shows the rows just written (a ``device_put`` each epoch: ~50-100 us)."""
+        device, dev = host[slot][2] or (None, None)
+        if dev is not None and device == model.device and not dev.is_deleted():
+            return dev
+        dev = get_backend(model.backend).from_numpy(buf, model.device, copy=False)  # (the buffer is Lamina's own)
+        if _buffers(dev) == [buf.ctypes.data]:
+            host[slot][2] = (model.device, dev)
+        return dev
 
     def forget():
         """Treat every current value as held by someone else, and look again at what forward reads (``fit``
