@@ -319,9 +319,10 @@ def measure(cands, steps, rounds):
     for fn in cands.values():
         fn()  # compile and warm up
     samples = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, fn in cands.items():
-            samples[k].append(_time(fn) / steps)
+    order = list(cands)
+    for r in range(rounds):  # each round starts one candidate later: none always runs after the same one
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            samples[k].append(_time(cands[k]) / steps)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
