@@ -79,19 +79,14 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         (params, bufs, state), (losses, attrs) = jax.lax.scan(body, (params, bufs, state), (xs, ys, table, seeds))
         return params, bufs, state, losses, _last(attrs)
 
-    def indexed(params, bufs, consts, state, data, table, seeds, losses, full, size, k, key=None):
+    def indexed(params, bufs, consts, state, data, table, seeds, i, losses, full, size, k, key=None):
         """Steps on batches sliced on the device from the epoch's arrays ``data`` = (x, y), already in the
         epoch's order: step ``i`` takes rows ``i * full : i * full + size``, with ``table[i]`` as its
         scalars and ``seeds[i]`` as its seed, and writes its loss to ``losses[i]`` (the epoch's losses, read
-        back in one transfer rather than one per step: ~1 us a step). The vector's last slot holds the next
-        step's ``i`` (a float, exact below 2**24 steps; modulo the epoch's steps, so that a vector whose epoch
-        finished starts the next at 0): the host never sends an index, and the call has no index array in and
-        out (each array costs ~1 us of dispatch per call, 5% of a small model's step).
-        ``k=0``: one step, with its loss, outputs and targets; ``k=-1``: one step, its loss in ``losses``
-        only; ``k>0``: ``k`` steps as one scan, returning their losses."""
-        n = losses.shape[0] - 1
-        i = losses[n].astype(jnp.int32) % n
-
+        back in one transfer rather than one per step: ~1 us a step). ``k=0``: one step, with its loss,
+        outputs and targets; ``k=-1``: one step, its loss in ``losses`` only (each output array costs ~1 us
+        of dispatch per call, 5% of a small model's step); ``k>0``: ``k`` steps as one scan, returning their losses.
+        Returns the new ``i`` and ``losses`` too, so the host never sends a step index."""
         def one(carry, _):
             p, b, s, j = carry
             xb, yb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, j * full, size), data)
@@ -101,20 +96,17 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         if k <= 0:
             (params, bufs, state, j), (loss, out, yb, attrs) = one((params, bufs, state, i), None)
             losses = jax.lax.dynamic_update_slice_in_dim(losses, loss[None].astype(losses.dtype), i, 0)
-        else:
-            (params, bufs, state, j), (loss, out, yb, attrs) = jax.lax.scan(one, (params, bufs, state, i), None,
-                                                                           length=k)
-            losses = jax.lax.dynamic_update_slice_in_dim(losses, loss.astype(losses.dtype), i, 0)
-            out, yb, attrs = None, None, _last(attrs)
-        losses = losses.at[n].set(j.astype(losses.dtype))
-        if k < 0:
-            return params, bufs, state, losses, None, None, None, attrs
-        return params, bufs, state, losses, loss, out, (yb if outputs else None), attrs
+            if k < 0:
+                return params, bufs, state, j, losses, None, None, None, attrs
+            return params, bufs, state, j, losses, loss, out, (yb if outputs else None), attrs
+        (params, bufs, state, j), (loss, _, _, attrs) = jax.lax.scan(one, (params, bufs, state, i), None, length=k)
+        losses = jax.lax.dynamic_update_slice_in_dim(losses, loss.astype(losses.dtype), i, 0)
+        return params, bufs, state, j, losses, loss, None, None, _last(attrs)
 
     # ``key`` (static: see ``trace_key``) makes jax trace again when what forward reads besides the arrays changed
     run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3), static_argnums=(8,))
     run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3), static_argnums=(8,))
-    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3, 7), static_argnums=(8, 9, 10, 11))
+    run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3, 8), static_argnums=(9, 10, 11, 12))
     paths: dict = {}  # optimizer name -> path in this model
     lay: dict = {"v": None}
     owned: dict = {}  # id -> array, for arrays this step produced and nobody else holds: safe to donate
@@ -229,11 +221,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         batch callbacks). ``each=False``: nothing reads the model or the figures between steps (no batch
         callback, no metric), so the full batches run back to back and an item's ``loss`` is the list of
         their losses, yielded about every 0.1 s (for the bar). Returns None (fit then cuts batches itself)
-        for an eager step, data too large to copy to the device, or an epoch of 2**24 steps or more."""
+        for an eager step or data too large to copy to the device."""
         leaves = jax.tree_util.tree_leaves((x, y))
         if compile is False or sum(getattr(a, "nbytes", 0) for a in leaves) > EPOCH_ON_DEVICE_BYTES:
-            return None
-        if leaves_rows(x) > batch_size * (2**24 - 1):  # more steps than the loss vector's float index counts
             return None
         return _epoch(x, y, order, batch_size, k, lr_at, start, sync, each)
 
@@ -258,11 +248,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
         # random numbers; not known before the first trace, so drawn then)
         seeds_ = put(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
-        # the loss vector: the last epoch's when it has the length (the steps overwrite it, and its step index,
-        # at the end, starts again at 0), else a new one
+        if ("i0", device) not in fixed:  # never donated: one for every epoch
+            fixed["i0", device] = put(np.zeros((), np.int32))
+        # the loss vector: the last epoch's when it has the length (the steps overwrite it), else a new one
         losses0 = spare.pop(len(sizes), None)
-        losses0 = put(np.zeros(len(sizes) + 1, np.float32)) if losses0 is None else losses0
-        held = [params, bufs, state, losses0]  # what the device holds, the model does not show
+        losses0 = put(np.zeros(len(sizes), np.float32)) if losses0 is None else losses0
+        held = [params, bufs, state, fixed["i0", device], losses0]  # what the device holds, the model does not show
 
         def check_lrs(lo, hi):
             """A batch callback may have changed the learning rate: send the table again if it did."""
@@ -291,9 +282,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 # never donated) or have changed the model or the optimizer state (read again)
                 entries, buf_entries, held[0], held[1], consts, held[2] = arguments()
                 key = trace_key()
-            p, b, st, lv, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table, seeds_,
-                                                             held[3], batch_size, size, kk, key)
-            held[:] = [p, b, st, lv]  # first: the call donated the old ones (a Ctrl-C may come at any call)
+            p, b, st, i, lv, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table,
+                                                                 seeds_, held[3], held[4], batch_size, size, kk, key)
+            held[:] = [p, b, st, i, lv]  # first: the call donated the old ones (a Ctrl-C may come at any call)
             fresh_seeds()
             if attrs:
                 carry_in(attrs, targets)
@@ -334,19 +325,19 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 kk = timing.k if k is None else k
                 if not each and j < n_full:  # back to back, nothing to check between calls
                     j0, until = j, time.perf_counter() + 0.1
-                    p, b, st, lv = held
+                    p, b, st, i, lv = held
                     attrs, finished = None, False
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else -1
-                            p, b, st, lv, _, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, lv,
-                                                                       batch_size, batch_size, kk_, key)
+                            p, b, st, i, lv, _, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
+                                                                          lv, batch_size, batch_size, kk_, key)
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
                             j += max(kk_, 1)
                         finished = True
                     finally:  # what the device holds now, even when a call failed
-                        held[:] = [p, b, st, lv]
+                        held[:] = [p, b, st, i, lv]
                         eng.count += j - j0
                         if not finished:  # interrupted: these steps are never yielded, so fit cannot count them
                             opt.steps += j - j0
@@ -371,10 +362,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             if not sync:
                 publish(entries, buf_entries, *held[:3])
             for slot in host:  # the steps that read these buffers wrote this last
-                host[slot][1] = held[3]
+                host[slot][1] = held[4]
             spare.clear()
-            if j == len(sizes) and not held[3].is_deleted():  # (its index starts the next epoch at 0)
-                spare[len(sizes)] = held[3]
+            if not held[4].is_deleted():  # (a call interrupted in the middle donated it)
+                spare[len(sizes)] = held[4]
 
     def leaves_rows(a):
         return jax.tree_util.tree_leaves(a)[0].shape[0]
