@@ -130,3 +130,31 @@ def test_an_optimizer_hook_still_runs():
         finally:
             handle.remove()
     assert calls == [1, 1]
+
+
+def test_a_deep_copy_steps_its_own_tensors():
+    """copy.deepcopy((model, opt)) after a backward: stepping the copy leaves the original as it was (the
+    kernel is a closure over the engine's tensors; a copy must not share it), and the copy steps as the
+    original does."""
+    import copy
+
+    net, _ = _pair()
+    opt = lm.optim.Adam(net, lr=0.01)
+    data = _data(3)
+    for x, y in data[:2]:  # the second step is the kernel's
+        opt.zero_grad()
+        lm.losses.cross_entropy(net(x), y).backward()
+        opt.step()
+    x, y = data[2]
+    opt.zero_grad()
+    lm.losses.cross_entropy(net(x), y).backward()
+    net2, opt2 = copy.deepcopy((net, opt))
+    before = {k: _np(v).copy() for k, v in net.state_dict().items()}
+    opt2.zero_grad()
+    lm.losses.cross_entropy(net2(x), y).backward()
+    opt2.step()
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(_np(v), before[k], err_msg=f"the original changed: {k}")
+    opt.step()
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(_np(net2.state_dict()[k]), _np(v), err_msg=k)
