@@ -24,9 +24,10 @@ Candidates, per backend:
 
 Each workload and backend runs in a fresh process, as issue 13's measurements did. Each candidate runs
 ``--steps`` steps per round over pre-made batches (but fit and the shuffling loops); rounds are interleaved,
-so machine noise hits all alike; the figure is the median time per step, and the ratios (steps per second of
-lamina over the best reference of its backend) are measured in the same run. For the MLP the share of the matmul roofline is printed, against a
-float32 matmul peak measured in the same process. The figures are noisy on a shared machine; for stable ones
+each starting one candidate later, so machine noise hits all alike; the figure is the median time per step,
+and the ratios (steps per second of lamina over the best reference of its backend) are measured in the same
+run. For the MLP the share of the matmul roofline is printed, against a float32 matmul peak measured in the
+same process. The figures are noisy on a shared machine; for stable ones
 pin a core: taskset -c 1 env OMP_NUM_THREADS=1 python bench/train_step.py
 
 Run: python bench/train_step.py [--backends torch jax] [--workloads mlp tiny cnn] [--rounds 3] [--steps 32]

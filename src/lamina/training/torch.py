@@ -342,9 +342,10 @@ def _laid_out_as(v, t):
 def _kernel(opt):
     """``step(lr) -> bool``: what ``opt.step()`` does for a fused Adam or AdamW (torch 2.13's ``_fused_adam``
     over one device and dtype), calling torch's fused kernel itself on lists made once: torch.optim's Python
-    around the kernel, ~30 us a step, was a quarter of the tiny model's step (Linear(64, 8) -> Linear(8, 1)). False (nothing done) where a parameter
-    has no gradient; None where ``opt`` is not such an optimizer, its state is not made for every parameter
-    yet, or an optimizer hook is registered (they run in ``opt.step()`` only)."""
+    around the kernel, ~30 us a step, was a quarter of the tiny model's step (Linear(64, 8) -> Linear(8, 1)).
+    False (nothing done) where a parameter has no gradient or an optimizer hook is registered (hooks run in
+    ``opt.step()`` only); None where ``opt`` is not such an optimizer or its state is not made for every
+    parameter yet."""
     if not opt.defaults.get("fused") or len(opt.param_groups) != 1 or type(opt) not in (torch.optim.Adam,
                                                                                         torch.optim.AdamW):
         return None
