@@ -196,7 +196,7 @@ def test_owner_and_the_references_lamina_keeps(backend):
     layer = lm.Linear(3, 2)
     w = layer.get_parameter("weight")
     assert w.owner is layer and lm.Parameter((2,)).owner is None
-    w.value  # (drawn)
+    _ = w.value  # (drawn)
     assert w.own_references() == 2  # the parameter and layer.__dict__["weight"]
     free = lm.Parameter(value=np.ones(2, np.float32))
     assert free.own_references() == 0  # not drawn yet: no value

@@ -341,5 +341,6 @@ def test_the_jax_protective_copy_keeps_every_bit_in_new_buffers():
     copies = _copy(arrays)
     for a, c in zip(arrays, copies):
         assert c.dtype == a.dtype and c.shape == a.shape
-        np.testing.assert_array_equal(np.asarray(c).reshape(-1).view(np.uint8), np.asarray(a).reshape(-1).view(np.uint8))
+        bits = [np.asarray(v).reshape(-1).view(np.uint8) for v in (c, a)]
+        np.testing.assert_array_equal(*bits)
         assert c.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()
