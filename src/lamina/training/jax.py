@@ -118,7 +118,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     # input slot -> [host buffer of the epoch's rows, the last epoch's final loss vector, (the model's device,
     # the device array on that very memory) on CPU, else None]
     host: dict = {}
-    spare: dict = {}  # length -> the last epoch's loss vector, for the next epoch to write over
+    spare: dict = {}  # (length, device) -> the last epoch's loss vector, for the next epoch to write over
 
     def seeds(n=None):
         if uses_keys[0] is False:
@@ -163,8 +163,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         them, or user code ran since, and more than Lamina refers to them) are copied, all in one compiled
         call, before they are donated."""
         entries, buf_entries, const_entries = layout()
-        if not owned:  # first call, or user code ran (forget): adopt what nobody but Lamina refers to
-            _adopt_unshared(entries, buf_entries, eng.state, owned)
+        if not owned:  # first call, or user code ran (forget): the state follows a model that moved
+            eng.state = _on_devices_of(eng.state, entries)  # (model.to("cuda:1")), and what nobody but Lamina
+            _adopt_unshared(entries, buf_entries, eng.state, owned)  # refers to is adopted
         params = {k: p.value for k, p in entries}
         bufs = {k: p.value for k, p in buf_entries}
         state = eng.state
@@ -251,7 +252,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         if ("i0", device) not in fixed:  # never donated: one for every epoch
             fixed["i0", device] = put(np.zeros((), np.int32))
         # the loss vector: the last epoch's when it has the length (the steps overwrite it), else a new one
-        losses0 = spare.pop(len(sizes), None)
+        losses0 = spare.pop((len(sizes), device), None)
         losses0 = put(np.zeros(len(sizes), np.float32)) if losses0 is None else losses0
         held = [params, bufs, state, fixed["i0", device], losses0]  # what the device holds, the model does not show
 
@@ -365,7 +366,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 host[slot][1] = held[4]
             spare.clear()
             if not held[4].is_deleted():  # (a call interrupted in the middle donated it)
-                spare[len(sizes)] = held[4]
+                spare[len(sizes), device] = held[4]
 
     def leaves_rows(a):
         return jax.tree_util.tree_leaves(a)[0].shape[0]
@@ -405,7 +406,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     def shown(buf, slot):
         """The device array of the host buffer of ``slot``: on CPU the one made for an earlier epoch, which is
         that memory itself and so shows the rows just written (a ``device_put`` each epoch: ~50-100 us)."""
-        device, dev = host[slot][2] or (None, None)
+        kept = host.get(slot)
+        if kept is None or kept[0] is not buf:  # rows gathered into an array of their own (above HOST_BUFFER_BYTES)
+            return get_backend(model.backend).from_numpy(buf, model.device, copy=False)
+        device, dev = kept[2] or (None, None)
         if dev is not None and device == model.device and not dev.is_deleted():
             return dev
         dev = get_backend(model.backend).from_numpy(buf, model.device, copy=False)  # (the buffer is Lamina's own)
@@ -615,6 +619,18 @@ def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
         buffers = _buffers(a)
         if buffers and all(users.get(b) == 1 for b in buffers):
             owned[id(a)] = a
+
+
+def _on_devices_of(state: dict, entries) -> dict:
+    """``state`` ({name: {slot: array}}) with the arrays of each parameter (``entries``: (name, Parameter))
+    that moved to other devices since (``model.to``) put on that parameter's devices, laid out as it is there.
+    (Holds no reference to a value once it returns: ``_adopt_unshared`` counts them.)"""
+    moved = {}
+    for k, p in entries:
+        slots = state.get(k, {})
+        if any(a.devices() != p.value.devices() for a in slots.values()):
+            moved[k] = {s: jax.device_put(a, p.value.sharding) for s, a in slots.items()}
+    return {**state, **moved} if moved else state
 
 
 def _buffers(a) -> list:

@@ -278,8 +278,12 @@ class _TorchOptim:
             self.count = 0
             return
         fused = bool(self.opt.defaults.get("fused"))
+        count = next((float(v.reshape(-1)[0]) for k, v in arrays.items() if k.endswith("/step")), float(self.count))
         for name, t, s in zip(self.names, self.tensors, self.stepped):
             st = self.opt.state[s]
+            if f"{name}/step" not in arrays:  # a parameter that joined (made trainable again): zero moments and
+                arrays = {**arrays, f"{name}/step": torch.tensor(count),  # the shared count, as on jax
+                          **{f"{name}/{slot}": torch.zeros_like(t) for slot in self.optimizer.slots}}
             step = float(arrays[f"{name}/step"].reshape(-1)[0])
             self.count = int(step)
             if "step" in _STEPPED.get(self.optimizer.torch_class, ()):
