@@ -37,6 +37,24 @@ def to_np(x) -> np.ndarray:
     return np.asarray(x) if b is None else np.asarray(b.to_numpy(x))
 
 
+def weights(model) -> dict:
+    """A model's state as float64 NumPy arrays, by name."""
+    return {k: to_np(v).astype(np.float64) for k, v in model.state_dict().items()}
+
+
+class TwoInputs(lm.Module):
+    """``forward(a, b) = a @ Wa + b @ Wb + bias``: a model with two inputs of different widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.wa = lm.Parameter((3, 2), init=lm.init.normal())
+        self.wb = lm.Parameter((4, 2), init=lm.init.normal())
+        self.bias = lm.Parameter((2,), init=lm.init.zeros())
+
+    def forward(self, a, b):
+        return a @ self.wa + b @ self.wb + self.bias
+
+
 def rand(*shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 

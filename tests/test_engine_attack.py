@@ -18,7 +18,7 @@ import pytest
 
 import lamina as lm
 
-from conftest import to_np
+from conftest import TwoInputs, to_np, weights
 
 # ----------------------------------------------------------------------------------------------------------
 # torch: the fused kernel called by the engine itself
@@ -526,10 +526,6 @@ def _hand_fit(ref, ref_opt, x, y, batch_size, epochs, seed, shuffle=True, loss=l
     return means
 
 
-def _weights(model):
-    return {k: to_np(v).astype(np.float64) for k, v in model.state_dict().items()}
-
-
 def _assert_fits_like_hand_loop(make, fits, loss=lm.losses.mse, steps_per_call=None):
     """``fits``: ``(x, y, batch_size, epochs, seed, shuffle)`` for successive ``fit`` calls on one model and
     optimizer; after each, the history and weights equal the hand loop's (rtol 1e-5)."""
@@ -542,7 +538,7 @@ def _assert_fits_like_hand_loop(make, fits, loss=lm.losses.mse, steps_per_call=N
                          steps_per_call=steps_per_call, progress=False)
         want = _hand_fit(ref, ref_opt, x, y, bs, epochs, seed, shuffle, loss)
         np.testing.assert_allclose(history["loss"], want, rtol=1e-5, err_msg=f"fit {i}")
-        got, ref_w = _weights(net), _weights(ref)
+        got, ref_w = weights(net), weights(ref)
         for k in ref_w:
             np.testing.assert_allclose(got[k], ref_w[k], rtol=1e-5, atol=1e-6, err_msg=f"fit {i}: {k}")
 
@@ -580,15 +576,9 @@ def test_fits_on_changing_data_match_a_hand_loop(on_jax, steps_per_call):
                                         (x2, y2, 64, 2, 9, True)], steps_per_call=steps_per_call)
 
 
-class _TwoInputs(lm.Module):
-    def __init__(self):
-        super().__init__()
-        self.wa = lm.Parameter((3, 2), init=lm.init.normal())
-        self.wb = lm.Parameter((4, 2), init=lm.init.normal())
-        self.bias = lm.Parameter((2,), init=lm.init.zeros())
-
+class _TwoInputs(TwoInputs):
     def forward(self, a, b):
-        return lm.ops.tanh(a @ self.wa + b @ self.wb + self.bias)
+        return lm.ops.tanh(super().forward(a, b))
 
 
 def test_several_inputs_and_int_targets_match_a_hand_loop(on_jax):
@@ -666,13 +656,13 @@ def test_interrupted_fits_then_a_new_fit(on_jax, steps_per_call):
                    progress=False)
         _hand_fit(ref, ref_opt, x1, y1, 8, 1, 5, steps=3 if stop == "metric" else 6)
         assert opt.steps == ref_opt.steps
-        for k, v in _weights(ref).items():
-            np.testing.assert_allclose(_weights(net)[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{stop}: {k}")
+        for k, v in weights(ref).items():
+            np.testing.assert_allclose(weights(net)[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{stop}: {k}")
         history = lm.fit(net, lm.losses.mse, opt, (x2, y2), batch_size=8, epochs=2, seed=6,
                          steps_per_call=steps_per_call, progress=False)
         np.testing.assert_allclose(history["loss"], _hand_fit(ref, ref_opt, x2, y2, 8, 2, 6), rtol=1e-5)
-        for k, v in _weights(ref).items():
-            np.testing.assert_allclose(_weights(net)[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{stop}: {k}")
+        for k, v in weights(ref).items():
+            np.testing.assert_allclose(weights(net)[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{stop}: {k}")
 
 
 _TWO_DEVICES = r'''

@@ -5,20 +5,7 @@ import pytest
 
 import lamina as lm
 
-from conftest import to_np
-
-
-class TwoInputs(lm.Module):
-    """``forward(a, b) = a @ Wa + b @ Wb + bias``: a model with two inputs of different widths."""
-
-    def __init__(self):
-        super().__init__()
-        self.wa = lm.Parameter((3, 2), init=lm.init.normal())
-        self.wb = lm.Parameter((4, 2), init=lm.init.normal())
-        self.bias = lm.Parameter((2,), init=lm.init.zeros())
-
-    def forward(self, a, b):
-        return a @ self.wa + b @ self.wb + self.bias
+from conftest import TwoInputs, to_np, weights
 
 
 def arrays(n=40, seed=0):
@@ -27,10 +14,6 @@ def arrays(n=40, seed=0):
     b = rng.standard_normal((n, 4)).astype(np.float32)
     y = rng.standard_normal((n, 2)).astype(np.float32)
     return a, b, y
-
-
-def weights(model):
-    return {k: to_np(v).astype(np.float64) for k, v in model.state_dict().items()}
 
 
 def forward_np(w, a, b):
