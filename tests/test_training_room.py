@@ -204,9 +204,11 @@ def test_jax_fit_copies_only_the_values_someone_else_holds(monkeypatch):
     copied = []
     original = room._copy_foreign
 
-    def counting(tree, owned):
-        copied.append(sum(owned.get(id(a)) is not a for a in jax.tree_util.tree_leaves(tree)))
-        return original(tree, owned)
+    def counting(tree, owned, host=None):  # (a call that copies nothing still sends the epoch's scalar table)
+        n = sum(owned.get(id(a)) is not a for a in jax.tree_util.tree_leaves(tree))
+        if n:
+            copied.append(n)
+        return original(tree, owned, host)
 
     monkeypatch.setattr(room, "_copy_foreign", counting)
     monkeypatch.setattr(room, "ADOPT_FROM_BYTES", 0)  # (a small model's values are copied: that is cheaper)
@@ -331,16 +333,23 @@ def test_grouping_is_chosen_from_measured_times():
 
 def test_the_jax_protective_copy_keeps_every_bit_in_new_buffers():
     """fit's protective copy on jax (a select on a traced True, one fused kernel): the same bits as the originals,
-    NaNs and signed zeros included, in buffers of their own."""
+    NaNs and signed zeros included, in buffers of their own; the host table sent in the same call arrives with
+    its bits, committed to the arrays' device, and later writes to the NumPy table do not reach it."""
     jax = pytest.importorskip("jax")
-    from lamina.training.jax import _copy
+    from lamina.training.jax import _copy_foreign
 
     arrays = [jax.numpy.asarray(np.array([np.nan, -0.0, np.inf, 1.5], np.float32)),
               jax.numpy.asarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
               jax.numpy.asarray(np.array([True, False])), jax.numpy.asarray(np.uint32(7))]
-    copies = _copy(arrays)
-    for a, c in zip(arrays, copies):
+    arrays = [jax.device_put(a, jax.devices()[0]) for a in arrays]  # committed, as a model's values are
+    table = np.array([[np.nan, -0.0], [1e-3, -np.inf]], np.float32)
+    expected = table.copy()
+    copies, sent = _copy_foreign(arrays, {}, table)
+    table[:] = 5
+    for a, c in zip(arrays + [expected], copies + [sent]):
         assert c.dtype == a.dtype and c.shape == a.shape
         bits = [np.asarray(v).reshape(-1).view(np.uint8) for v in (c, a)]
         np.testing.assert_array_equal(*bits)
+        assert c.committed and c.devices() == arrays[0].devices()
+    for a, c in zip(arrays, copies):
         assert c.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()

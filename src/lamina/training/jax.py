@@ -158,10 +158,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             stale[0] = False
         return lay["key"]
 
-    def arguments():
+    def arguments(host=None):
         """The step's arguments from the model: values that someone else may hold (the step did not produce
         them, or user code ran since, and more than Lamina refers to them) are copied, all in one compiled
-        call, before they are donated."""
+        call, before they are donated. ``host``: a NumPy array to send to the parameters' device in that same
+        call (the epoch's scalar table: a ``device_put`` of its own, the first transfer after the host's
+        work on the epoch, waits ~0.1 ms for the device); returned last, on the device (else None)."""
         entries, buf_entries, const_entries = layout()
         if not owned:  # first call, or user code ran (forget): the state follows a model that moved
             eng.state = _on_devices_of(eng.state, entries)  # (model.to("cuda:1")), and what nobody but Lamina
@@ -170,9 +172,9 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         bufs = {k: p.value for k, p in buf_entries}
         state = eng.state
         foreign = lambda a: owned.get(id(a)) is not a  # noqa: E731
-        if any(map(foreign, jax.tree_util.tree_leaves((params, bufs, state)))):
-            params, bufs, state = _copy_foreign((params, bufs, state), owned)
-        return entries, buf_entries, params, bufs, {k: p.value for k, p in const_entries}, state
+        if host is not None or any(map(foreign, jax.tree_util.tree_leaves((params, bufs, state)))):
+            (params, bufs, state), host = _copy_foreign((params, bufs, state), owned, host)
+        return entries, buf_entries, params, bufs, {k: p.value for k, p in const_entries}, state, host
 
     def publish(entries, buf_entries, params, bufs, state):
         owned.clear()
@@ -190,7 +192,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         eng.state = state
 
     def step(x, y, lr):
-        entries, buf_entries, params, bufs, consts, state = arguments()
+        entries, buf_entries, params, bufs, consts, state, _ = arguments()
         params, bufs, state, loss, out, attrs = run(params, bufs, consts, state, x, y,
                                                     opt.scalars(lr, eng.count + 1), seeds(), trace_key())
         publish(entries, buf_entries, params, bufs, state)  # first: the call donated the old values
@@ -202,7 +204,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
     def step_many(xs, ys, lrs):
         """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
-        entries, buf_entries, params, bufs, consts, state = arguments()
+        entries, buf_entries, params, bufs, consts, state, _ = arguments()
         table = opt.scalar_table(lrs, eng.count + 1)
         params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)),
                                                       trace_key())
@@ -239,13 +241,11 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         data = jax.tree_util.tree_unflatten(tree, [on_device(a, order, slot) for slot, a in enumerate(leaves)])
         count0 = eng.count
         lrs = [lr_at(start + s) for s in range(len(sizes))]
-        entries, buf_entries, params, bufs, consts, state = arguments()
-        key = trace_key()
-        first = jax.tree_util.tree_leaves(params)
-        device = next(iter(first[0].devices())) if first else None
-        put = lambda a: _committed(jax.device_put(a, device))  # noqa: E731  (jnp.asarray: ~7x the time)
         table_np = opt.scalar_table(lrs, count0 + 1)
-        table = put(table_np)
+        entries, buf_entries, params, bufs, consts, state, table = arguments(table_np)
+        key = trace_key()
+        device = next(iter(table.devices()))
+        put = lambda a: _committed(jax.device_put(a, device))  # noqa: E731  (jnp.asarray: ~7x the time)
         # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
         # random numbers; not known before the first trace, so drawn then)
         seeds_ = put(random.next_seeds(len(sizes))) if uses_keys[0] is not False else seeds(len(sizes))
@@ -281,7 +281,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             nonlocal consts, entries, buf_entries, key
             if sync:  # a batch callback ran since the last call: it may hold the published values (copied now,
                 # never donated) or have changed the model or the optimizer state (read again)
-                entries, buf_entries, held[0], held[1], consts, held[2] = arguments()
+                entries, buf_entries, held[0], held[1], consts, held[2], _ = arguments()
                 key = trace_key()
             p, b, st, i, lv, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table,
                                                                  seeds_, held[3], held[4], batch_size, size, kk, key)
@@ -643,14 +643,33 @@ def _buffers(a) -> list:
         return []
 
 
-def _copy_foreign(tree, owned: dict):
-    """``tree`` with every array that is not in ``owned`` (by id) replaced by a copy, made in one call, and
-    committed to its device (see ``_committed``)."""
+def _copy_foreign(tree, owned: dict, host=None):
+    """``(tree, host)`` with every array of ``tree`` that is not in ``owned`` (by id) replaced by a copy, and
+    the NumPy array ``host`` (or None) sent to the device of ``tree``'s first array, all in one compiled call,
+    committed to their device (see ``_committed``)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     where = [i for i, a in enumerate(leaves) if owned.get(id(a)) is not a]
-    for i, a in zip(where, _copy([leaves[i] for i in where])):
+    devices = leaves[0].devices() if leaves else ()
+    if len(devices) > 1:  # sharded values: the table goes to one of their devices, by itself
+        host = None if host is None else jax.device_put(host, next(iter(devices)))
+        copies, _ = _selected([leaves[i] for i in where], np.bool_(True), None)
+    else:  # (a committed argument puts the table on the device)
+        copies, host = _selected([leaves[i] for i in where], _true_on(next(iter(devices), None)), host)
+    for i, a in zip(where, copies):
         leaves[i] = _committed(a)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree_util.tree_unflatten(treedef, leaves), (None if host is None else _committed(host))
+
+
+_TRUE: dict = {}  # device -> True, committed to it
+
+
+def _true_on(device):
+    """``True`` as an array committed to ``device`` (made once), or a NumPy True for None."""
+    if device is None:
+        return np.bool_(True)
+    if device not in _TRUE:
+        _TRUE[device] = jax.device_put(np.bool_(True), device)
+    return _TRUE[device]
 
 
 def _committed(a):
@@ -660,17 +679,17 @@ def _committed(a):
     return a if a.committed else jax.device_put(a, next(iter(a.devices())))
 
 
-def _copy(arrays):
-    """Copies of ``arrays`` in new buffers, made in one compiled call."""
-    return _selected(arrays, np.bool_(True))
-
-
 @jax.jit
-def _selected(arrays, keep):
+def _selected(arrays, keep, host):
+    """Copies of ``arrays`` in new buffers, and of ``host`` (a NumPy array, or None), on ``keep``'s device."""
     # a select on a traced True: one fused kernel; XLA runs jnp.copy as a copy per array, twice the time (28 vs
-    # 65 us for the tiny model's 13 arrays). The values are the inputs' bits, NaNs and signed zeros alike.
-    return [jnp.where(keep, a, jnp.zeros_like(a)) if jnp.issubdtype(a.dtype, jnp.number) or a.dtype == jnp.bool_
-            else jnp.copy(a) for a in arrays]
+    # 65 us for the tiny model's 13 arrays). The values are the inputs' bits, NaNs and signed zeros alike. (An
+    # output that is an input as it is would come back uncommitted, without ``keep``'s device.)
+    def copy(a):
+        if jnp.issubdtype(a.dtype, jnp.number) or a.dtype == jnp.bool_:
+            return jnp.where(keep, a, jnp.zeros_like(a))
+        return jnp.copy(a)
+    return [copy(a) for a in arrays], None if host is None else copy(host)
 
 
 @jax.jit
