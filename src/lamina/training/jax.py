@@ -600,6 +600,9 @@ def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
       cost more than copying a small model, so only from ADOPT_FROM_BYTES of values on).
 
     (A DLPack export or a NumPy view holds the buffer itself: XLA then declines the donation.)"""
+    values = (p.value for entry in (entries, buf_entries) for _, p in entry)  # (no list: it would hold them)
+    if sum(a.nbytes for a in values) * (1 + max(map(len, state.values()), default=0)) < ADOPT_FROM_BYTES:
+        return  # even all of them together: copying costs less than looking
     found = []
     for entry in (entries, buf_entries):
         for _, p in entry:
