@@ -22,6 +22,7 @@ from .. import context, random
 from ..backends import get_backend
 from ..functional import _python_values
 from .base import Grouping, call, carry_in, carry_out, only_held_by, pack_state
+from .jax_packing import packing_for, true_on
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -107,6 +108,21 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
     run = pure if compile is False else jax.jit(pure, donate_argnums=(0, 1, 3), static_argnums=(8,))
     run_many = None if compile is False else jax.jit(many, donate_argnums=(0, 1, 3), static_argnums=(8,))
     run_indexed = jax.jit(indexed, donate_argnums=(0, 1, 3, 8), static_argnums=(9, 10, 11, 12))
+    packings: dict = {}  # (structure, shapes, dtypes) -> Packing (training/jax_packing.py)
+    packed_runs: dict = {}  # Packing -> ``indexed`` on its vectors, compiled
+
+    def packed_run(pk):
+        """``run_indexed`` for a small model whose parameters, buffers and optimizer state travel as ``pk``'s
+        vectors (passed in the parameters' place; None for the buffers and the state): only those vectors
+        and the loss vector are donated."""
+        if pk not in packed_runs:
+            def run(vectors, _bufs, consts, _state, data, table, seeds, i, losses, full, size, k, key=None):
+                params, bufs, state = pk.unpack(vectors)
+                p, b, st, j, losses, loss, out, yb, attrs = indexed(params, bufs, consts, state, data, table, seeds, i,
+                                                                    losses, full, size, k, key)
+                return pk.pack((p, {n: b[n] for n in bufs}, st)), None, None, j, losses, loss, out, yb, attrs
+            packed_runs[pk] = jax.jit(run, donate_argnums=(0, 8), static_argnums=(9, 10, 11, 12))
+        return packed_runs[pk]
     paths: dict = {}  # optimizer name -> path in this model
     lay: dict = {"v": None}
     owned: dict = {}  # id -> array, for arrays this step produced and nobody else holds: safe to donate
@@ -158,12 +174,14 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             stale[0] = False
         return lay["key"]
 
-    def arguments(host=None):
+    def arguments(host=None, pack=False):
         """The step's arguments from the model: values that someone else may hold (the step did not produce
         them, or user code ran since, and more than Lamina refers to them) are copied, all in one compiled
         call, before they are donated. ``host``: a NumPy array to send to the parameters' device in that same
         call (the epoch's scalar table: a ``device_put`` of its own, the first transfer after the host's
-        work on the epoch, waits ~0.1 ms for the device); returned last, on the device (else None)."""
+        work on the epoch, waits ~0.1 ms for the device); returned on the device (else None). ``pack``: a
+        small model's parameters, buffers and state come as the vectors of a ``Packing`` (returned last,
+        else None) in the parameters' place, None in the others' (new buffers: nothing is copied)."""
         entries, buf_entries, const_entries = layout()
         if not owned:  # first call, or user code ran (forget): the state follows a model that moved
             eng.state = _on_devices_of(eng.state, entries)  # (model.to("cuda:1")), and what nobody but Lamina
@@ -171,10 +189,16 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         params = {k: p.value for k, p in entries}
         bufs = {k: p.value for k, p in buf_entries}
         state = eng.state
+        consts = {k: p.value for k, p in const_entries}
+        pk = packing_for((params, bufs, state), packings) if pack else None
+        if pk is not None:
+            device = next(iter(jax.tree_util.tree_leaves(params)[0].devices())) if params else None
+            vectors, host = pk.pack_call((params, bufs, state), true_on(device), host)
+            return entries, buf_entries, vectors, None, consts, None, host, pk
         foreign = lambda a: owned.get(id(a)) is not a  # noqa: E731
         if host is not None or any(map(foreign, jax.tree_util.tree_leaves((params, bufs, state)))):
             (params, bufs, state), host = _copy_foreign((params, bufs, state), owned, host)
-        return entries, buf_entries, params, bufs, {k: p.value for k, p in const_entries}, state, host
+        return entries, buf_entries, params, bufs, consts, state, host, None
 
     def publish(entries, buf_entries, params, bufs, state):
         owned.clear()
@@ -192,7 +216,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         eng.state = state
 
     def step(x, y, lr):
-        entries, buf_entries, params, bufs, consts, state, _ = arguments()
+        entries, buf_entries, params, bufs, consts, state, _, _ = arguments()
         params, bufs, state, loss, out, attrs = run(params, bufs, consts, state, x, y,
                                                     opt.scalars(lr, eng.count + 1), seeds(), trace_key())
         publish(entries, buf_entries, params, bufs, state)  # first: the call donated the old values
@@ -204,7 +228,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
     def step_many(xs, ys, lrs):
         """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
-        entries, buf_entries, params, bufs, consts, state, _ = arguments()
+        entries, buf_entries, params, bufs, consts, state, _, _ = arguments()
         table = opt.scalar_table(lrs, eng.count + 1)
         params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)),
                                                       trace_key())
@@ -242,7 +266,11 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         count0 = eng.count
         lrs = [lr_at(start + s) for s in range(len(sizes))]
         table_np = opt.scalar_table(lrs, count0 + 1)
-        entries, buf_entries, params, bufs, consts, state, table = arguments(table_np)
+        # packed only for one step per call (inside a grouped call, unpacked steps are faster: training/jax_packing.py),
+        # and not for a batch callback, which reads the model after each call (its values are published each time)
+        single = (k if k is not None else timing.k) == 1
+        entries, buf_entries, params, bufs, consts, state, table, pk = arguments(table_np, pack=single and not sync)
+        run = run_indexed if pk is None else packed_run(pk)
         key = trace_key()
         device = next(iter(table.devices()))
         put = lambda a: _committed(jax.device_put(a, device))  # noqa: E731  (jnp.asarray: ~7x the time)
@@ -281,10 +309,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             nonlocal consts, entries, buf_entries, key
             if sync:  # a batch callback ran since the last call: it may hold the published values (copied now,
                 # never donated) or have changed the model or the optimizer state (read again)
-                entries, buf_entries, held[0], held[1], consts, held[2], _ = arguments()
+                entries, buf_entries, held[0], held[1], consts, held[2], _, _ = arguments()
                 key = trace_key()
-            p, b, st, i, lv, loss, out, yb, attrs = run_indexed(held[0], held[1], consts, held[2], data, table,
-                                                                 seeds_, held[3], held[4], batch_size, size, kk, key)
+            p, b, st, i, lv, loss, out, yb, attrs = run(held[0], held[1], consts, held[2], data, table, seeds_, held[3],
+                                                        held[4], batch_size, size, kk, key)
             held[:] = [p, b, st, i, lv]  # first: the call donated the old ones (a Ctrl-C may come at any call)
             fresh_seeds()
             if attrs:
@@ -331,8 +359,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else -1
-                            p, b, st, i, lv, _, _, _, attrs = run_indexed(p, b, consts, st, data, table, seeds_, i,
-                                                                          lv, batch_size, batch_size, kk_, key)
+                            p, b, st, i, lv, _, _, _, attrs = run(p, b, consts, st, data, table, seeds_, i, lv,
+                                                                  batch_size, batch_size, kk_, key)
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
                             j += max(kk_, 1)
@@ -360,8 +388,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 j += 1
                 yield loss, out, size, 1, yb
         finally:
-            if not sync:
+            if not sync and pk is None:
                 publish(entries, buf_entries, *held[:3])
+            elif not sync and not any(v.is_deleted() for v in held[0]):  # (else interrupted inside a call that
+                publish(entries, buf_entries, *pk.unpack_call(held[0]))  # donated them: the model keeps its values)
             for slot in host:  # the steps that read these buffers wrote this last
                 host[slot][1] = held[4]
             spare.clear()
@@ -657,22 +687,12 @@ def _copy_foreign(tree, owned: dict, host=None):
         host = None if host is None else jax.device_put(host, next(iter(devices)))
         copies, _ = _selected([leaves[i] for i in where], np.bool_(True), None)
     else:  # (a committed argument puts the table on the device)
-        copies, host = _selected([leaves[i] for i in where], _true_on(next(iter(devices), None)), host)
+        copies, host = _selected([leaves[i] for i in where], true_on(next(iter(devices), None)), host)
     for i, a in zip(where, copies):
         leaves[i] = _committed(a)
     return jax.tree_util.tree_unflatten(treedef, leaves), (None if host is None else _committed(host))
 
 
-_TRUE: dict = {}  # device -> True, committed to it
-
-
-def _true_on(device):
-    """``True`` as an array committed to ``device`` (made once), or a NumPy True for None."""
-    if device is None:
-        return np.bool_(True)
-    if device not in _TRUE:
-        _TRUE[device] = jax.device_put(np.bool_(True), device)
-    return _TRUE[device]
 
 
 def _committed(a):
