@@ -22,7 +22,7 @@ from .. import context, random
 from ..backends import get_backend
 from ..functional import _python_values
 from .base import Grouping, call, carry_in, carry_out, only_held_by, pack_state
-from .jax_packing import packing_for, true_on
+from .jax_packing import Unpackable, packing_for, true_on, unpackable
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -191,9 +191,10 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         state = eng.state
         consts = {k: p.value for k, p in const_entries}
         pk = packing_for((params, bufs, state), packings) if pack else None
-        if pk is not None:
+        if pk is not None:  # (committed, as the step's outputs are: one compilation of pack_call, not two)
+            tree = jax.tree_util.tree_map(_committed, (params, bufs, state))
             device = next(iter(jax.tree_util.tree_leaves(params)[0].devices())) if params else None
-            vectors, host = pk.pack_call((params, bufs, state), true_on(device), host)
+            vectors, host = pk.pack_call(tree, true_on(device), host)
             return entries, buf_entries, vectors, None, consts, None, host, pk
         foreign = lambda a: owned.get(id(a)) is not a  # noqa: E731
         if host is not None or any(map(foreign, jax.tree_util.tree_leaves((params, bufs, state)))):
@@ -268,10 +269,18 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         table_np = opt.scalar_table(lrs, count0 + 1)
         # packed only for one step per call (inside a grouped call, unpacked steps are faster: training/jax_packing.py),
         # and not for a batch callback, which reads the model after each call (its values are published each time)
-        single = (k if k is not None else timing.k) == 1
+        single = k == 1 if k is not None else timing.k == 1 and not timing.trial
         entries, buf_entries, params, bufs, consts, state, table, pk = arguments(table_np, pack=single and not sync)
         run = run_indexed if pk is None else packed_run(pk)
         key = trace_key()
+
+        def unpack_for_good():
+            """The step does not fit its packing (``Unpackable``, raised while tracing: nothing was donated):
+            the rest of the epoch, and later ones, run unpacked, on the arrays of the vectors held now."""
+            nonlocal pk, run
+            held[:3] = pk.unpack_call(held[0])  # new arrays that only Lamina holds
+            unpackable(pk, packings)
+            pk, run = None, run_indexed
         device = next(iter(table.devices()))
         put = lambda a: _committed(jax.device_put(a, device))  # noqa: E731  (jnp.asarray: ~7x the time)
         # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
@@ -311,8 +320,13 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 # never donated) or have changed the model or the optimizer state (read again)
                 entries, buf_entries, held[0], held[1], consts, held[2], _, _ = arguments()
                 key = trace_key()
-            p, b, st, i, lv, loss, out, yb, attrs = run(held[0], held[1], consts, held[2], data, table, seeds_, held[3],
-                                                        held[4], batch_size, size, kk, key)
+            try:
+                p, b, st, i, lv, loss, out, yb, attrs = run(held[0], held[1], consts, held[2], data, table, seeds_,
+                                                            held[3], held[4], batch_size, size, kk, key)
+            except Unpackable:
+                unpack_for_good()
+                p, b, st, i, lv, loss, out, yb, attrs = run(held[0], held[1], consts, held[2], data, table, seeds_,
+                                                            held[3], held[4], batch_size, size, kk, key)
             held[:] = [p, b, st, i, lv]  # first: the call donated the old ones (a Ctrl-C may come at any call)
             fresh_seeds()
             if attrs:
@@ -359,8 +373,14 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else -1
-                            p, b, st, i, lv, _, _, _, attrs = run(p, b, consts, st, data, table, seeds_, i, lv,
-                                                                  batch_size, batch_size, kk_, key)
+                            try:
+                                p, b, st, i, lv, _, _, _, attrs = run(p, b, consts, st, data, table, seeds_, i, lv,
+                                                                      batch_size, batch_size, kk_, key)
+                            except Unpackable:
+                                held[0] = p
+                                unpack_for_good()
+                                p, b, st = held[:3]
+                                continue
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
                             j += max(kk_, 1)
@@ -390,8 +410,11 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         finally:
             if not sync and pk is None:
                 publish(entries, buf_entries, *held[:3])
-            elif not sync and not any(v.is_deleted() for v in held[0]):  # (else interrupted inside a call that
-                publish(entries, buf_entries, *pk.unpack_call(held[0]))  # donated them: the model keeps its values)
+            elif not sync and not any(v.is_deleted() for v in held[0]):
+                publish(entries, buf_entries, *pk.unpack_call(held[0]))
+            elif not sync:  # interrupted inside a call that donated them: the model keeps the values it had before
+                opt.steps -= eng.count - count0  # the epoch (never donated), and the counts go back with them
+                eng.count = count0
             for slot in host:  # the steps that read these buffers wrote this last
                 host[slot][1] = held[4]
             spare.clear()
