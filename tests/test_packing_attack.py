@@ -541,6 +541,8 @@ def test_interrupt_inside_a_packed_call_leaves_a_consistent_step_count(monkeypat
         if not k.endswith("/step"):
             np.testing.assert_array_equal(after[k], before[k], err_msg=k)
     assert (opt.steps, float(after["opt/0.weight/step"])) == (5, 5.0)
+    lm.fit(net, lm.losses.mse, opt, (x, y), **kw)  # and training goes on from there
+    assert opt.steps == 10 and not np.array_equal(_values(net, opt)["model/0.weight"], before["model/0.weight"])
 
 
 def test_pack_call_is_compiled_once_for_a_fresh_model(monkeypatch):
