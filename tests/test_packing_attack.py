@@ -517,34 +517,6 @@ def test_a_step_that_changes_a_dtype_gives_the_unpacked_values(monkeypatch, buil
     _both(monkeypatch, build, [dict(batch_size=8, epochs=2, steps_per_call=1)])
 
 
-def test_interrupt_inside_a_packed_call_leaves_a_consistent_step_count(monkeypatch):
-    """With a metric (one call per step, each yielded), an interrupt between the third call's return and the
-    line that keeps its results: the model and moments are those from before the epoch (5 steps), and so must be
-    the optimizer's step count (``opt.steps`` and the ``step`` entries of its state)."""
-    lm.set_backend("jax")
-    used = _packing(monkeypatch, True)
-    net = _mlp()
-    opt = lm.optim.Adam(net, lr=0.01)
-    x, y = _data()
-    kw = dict(batch_size=8, progress=False, metrics=[lm.losses.mse])
-    lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
-    before = _values(net, opt)
-    hits = _interrupt_at("call", "held[:] = [p, b, st, i, lv]", 3)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
-    finally:
-        sys.settrace(None)
-    assert hits[0] == 3 and all(pk is not None for pk in used)
-    after = _values(net, opt)
-    for k in before:
-        if not k.endswith("/step"):
-            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
-    assert (opt.steps, float(after["opt/0.weight/step"])) == (5, 5.0)
-    lm.fit(net, lm.losses.mse, opt, (x, y), **kw)  # and training goes on from there
-    assert opt.steps == 10 and not np.array_equal(_values(net, opt)["model/0.weight"], before["model/0.weight"])
-
-
 def test_pack_call_is_compiled_once_for_a_fresh_model(monkeypatch):
     """Three packed fits of a model never trained before: one compilation of the packing call."""
     lm.set_backend("jax")

@@ -198,6 +198,102 @@ def test_jax_fit_interrupted_right_after_a_compiled_step_leaves_the_model_usable
     lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
 
 
+
+def _raise_as_kept_returns(nth: int) -> list:
+    """Raise KeyboardInterrupt as ``_kept`` (training/jax.py) returns for the ``nth`` time, in place of its
+    result: what a Ctrl-C that came during a compiled call does (Python raises it as the call returns, before
+    the result is bound to a name). Returns the counter."""
+    hits = [0]
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != "_kept":
+            return None
+        if event == "return":
+            hits[0] += 1
+            if hits[0] == nth:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+        return tracer
+
+    sys.settrace(tracer)
+    return hits
+
+
+_RETURN_PATHS = {  # fit's keywords (or "loop": a user's own loop), and whether to pack a small model's values
+    "one call per step, a metric (call)": (dict(steps_per_call=1, metrics=[lm.losses.mse]), True),
+    "the same, unpacked": (dict(steps_per_call=1, metrics=[lm.losses.mse]), False),
+    "back to back": (dict(steps_per_call=1), True),
+    "back to back, unpacked": (dict(steps_per_call=1), False),
+    "grouped back to back": (dict(steps_per_call=2), False),
+    "a list of batches (step)": (dict(steps_per_call=1, batches=True), False),
+    "a list of batches, grouped (step_many)": (dict(steps_per_call=2, batches=True), False),
+    "a user's own loop (the engine)": ("loop", False),
+}
+
+
+@jax_only
+@pytest.mark.parametrize("path", list(_RETURN_PATHS))
+def test_jax_ctrl_c_as_a_compiled_step_returns_keeps_its_results(monkeypatch, path):
+    """A Ctrl-C during a compiled call is raised as the call returns: the values it was given were donated, and
+    its result is their only copy. Every path keeps it (``_kept``): after the interrupt the model and the optimizer
+    hold the values of exactly ``opt.steps`` steps (the optimizer's own count agrees), the same as an
+    uninterrupted hand loop over the same batches (``lm.value_and_grad`` + ``opt.step``), and the next fit
+    trains on. (Before: the model kept deleted arrays, "Array has been deleted", and the next fit failed.)"""
+    import lamina.training.jax_packing as packing
+
+    kw, packed = _RETURN_PATHS[path]
+    if not packed:
+        monkeypatch.setattr(packing, "PACK_BELOW_BYTES", -1)
+    lm.set_backend("jax")
+    x, y = _xy(48)
+    order = np.random.default_rng(0).permutation(48)  # fit's first epoch, seed 0
+    lm.manual_seed(0)
+    net = _mlp()
+    opt = lm.optim.Adam(net, lr=0.01)
+    if kw == "loop":
+        batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 48, 8)]
+        grad = lm.value_and_grad(lambda m, xb, yb: lm.losses.mse(m(xb), yb))
+        opt.step(grad(net, *batches[0])[1])
+        hits = _raise_as_kept_returns(3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                for xb, yb in batches[1:]:
+                    opt.step(grad(net, xb, yb)[1])
+        finally:
+            sys.settrace(None)
+        seen = batches
+    else:
+        kw = dict(kw)
+        if kw.pop("batches", False):
+            data = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 48, 8)]
+            seen = data + data
+        else:
+            data = (x, y)
+            seen = [(x[order[i:i + 8]], y[order[i:i + 8]]) for i in range(0, 48, 8)] * 2
+        kw.update(batch_size=8, progress=False)
+        lm.fit(net, lm.losses.mse, opt, data, **kw)
+        hits = _raise_as_kept_returns(3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                lm.fit(net, lm.losses.mse, opt, data, **kw)
+        finally:
+            sys.settrace(None)
+    assert hits[0] == 3
+    done = opt.steps
+    assert done > (1 if kw == "loop" else 6)  # some steps of the interrupted run are kept
+    got = {k: to_np(v) for k, v in net.state_dict().items()}  # none deleted
+    assert int(np.asarray(opt.state_dict()["0.weight/step"])) == done
+    lm.manual_seed(0)
+    ref = _mlp()
+    ref_opt = lm.optim.Adam(ref, lr=0.01)
+    ref_grad = lm.value_and_grad(lambda m, xb, yb: lm.losses.mse(m(xb), yb))
+    for xb, yb in seen[:done]:
+        ref_opt.step(ref_grad(ref, xb, yb)[1])
+    for k, v in ref.state_dict().items():
+        np.testing.assert_allclose(got[k], to_np(v), rtol=1e-5, atol=1e-6, err_msg=k)
+    lm.fit(net, lm.losses.mse, opt, (x, y), batch_size=8, progress=False)
+    assert opt.steps == done + 6
+
 @jax_only
 def test_jax_parameter_assigned_from_an_aligned_numpy_array_does_not_share_its_memory():
     """``Parameter._assign``: "The parameter never shares memory with the caller's array". The jax adapter's

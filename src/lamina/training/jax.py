@@ -13,6 +13,7 @@ its donation (DESIGN.md, rule 8).
 from __future__ import annotations
 
 import time
+from itertools import starmap
 
 import jax
 import jax.numpy as jnp
@@ -218,8 +219,13 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
     def step(x, y, lr):
         entries, buf_entries, params, bufs, consts, state, _, _ = arguments()
-        params, bufs, state, loss, out, attrs = run(params, bufs, consts, state, x, y,
-                                                    opt.scalars(lr, eng.count + 1), seeds(), trace_key())
+        got: list = []
+        try:
+            params, bufs, state, loss, out, attrs = _kept(run, (params, bufs, consts, state, x, y, opt.scalars(
+                lr, eng.count + 1), seeds(), trace_key()), got, 1)
+        except BaseException:
+            interrupted(got, entries, buf_entries)
+            raise
         publish(entries, buf_entries, params, bufs, state)  # first: the call donated the old values
         eng.count += 1
         carry_in(attrs, targets)
@@ -227,12 +233,24 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
         return loss, out
 
+    def interrupted(got, entries, buf_entries):
+        """A call raised (a Ctrl-C as it returned: see ``_kept``): if it ran, publish and count its steps."""
+        if len(got) == 2:  # [steps, result]: it returned
+            publish(entries, buf_entries, *got[1][:3])
+            eng.count += got[0]
+            opt.steps += got[0]  # (fit counts a step once the call returns it)
+
     def step_many(xs, ys, lrs):
         """len(lrs) steps on the stacked batches xs, ys (leading axis: the step); returns the losses."""
         entries, buf_entries, params, bufs, consts, state, _, _ = arguments()
         table = opt.scalar_table(lrs, eng.count + 1)
-        params, bufs, state, losses, attrs = run_many(params, bufs, consts, state, xs, ys, table, seeds(len(lrs)),
-                                                      trace_key())
+        got: list = []
+        try:
+            params, bufs, state, losses, attrs = _kept(run_many, (params, bufs, consts, state, xs, ys, table, seeds(
+                len(lrs)), trace_key()), got, len(lrs))
+        except BaseException:
+            interrupted(got, entries, buf_entries)
+            raise
         publish(entries, buf_entries, params, bufs, state)  # first: the call donated the old values
         eng.count += len(lrs)
         carry_in(attrs, targets)
@@ -273,6 +291,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         entries, buf_entries, params, bufs, consts, state, table, pk = arguments(table_np, pack=single and not sync)
         run = run_indexed if pk is None else packed_run(pk)
         key = trace_key()
+        got: list = []  # [steps, results] of the last call (see _kept)
 
         def unpack_for_good():
             """The step does not fit its packing (``Unpackable``, raised while tracing: nothing was donated):
@@ -320,20 +339,22 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 # never donated) or have changed the model or the optimizer state (read again)
                 entries, buf_entries, held[0], held[1], consts, held[2], _, _ = arguments()
                 key = trace_key()
+            n = max(kk, 1)
             try:
-                p, b, st, i, lv, loss, out, yb, attrs = run(held[0], held[1], consts, held[2], data, table, seeds_,
-                                                            held[3], held[4], batch_size, size, kk, key)
+                r = _kept(run, (held[0], held[1], consts, held[2], data, table, seeds_, held[3], held[4], batch_size,
+                                size, kk, key), got, n)
             except Unpackable:
                 unpack_for_good()
-                p, b, st, i, lv, loss, out, yb, attrs = run(held[0], held[1], consts, held[2], data, table, seeds_,
-                                                            held[3], held[4], batch_size, size, kk, key)
-            held[:] = [p, b, st, i, lv]  # first: the call donated the old ones (a Ctrl-C may come at any call)
+                r = _kept(run, (held[0], held[1], consts, held[2], data, table, seeds_, held[3], held[4], batch_size,
+                                size, kk, key), got, n)
+            held[:] = r[:5]  # first: the call donated the old ones (a Ctrl-C comes only at a call: none in
+            eng.count += n   # between, and the epoch's finally takes a result that never reached here)
+            p, b, st, i, lv, loss, out, yb, attrs = r
             fresh_seeds()
             if attrs:
                 carry_in(attrs, targets)
             if uses_keys[0] is None:
                 uses_keys[0] = False  # traced (first call) and no layer set it: no randomness
-            eng.count += max(kk, 1)
             if sync:
                 publish(entries, buf_entries, p, b, st)
             if kk < 0:  # its loss from the vector (a copy, never a view: the next step donates the vector)
@@ -370,22 +391,28 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                     j0, until = j, time.perf_counter() + 0.1
                     p, b, st, i, lv = held
                     attrs, finished = None, False
+                    got.clear()
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
                             kk_ = kk if kk > 1 and j + kk <= n_full else -1
                             try:
-                                p, b, st, i, lv, _, _, _, attrs = run(p, b, consts, st, data, table, seeds_, i, lv,
-                                                                      batch_size, batch_size, kk_, key)
+                                p, b, st, i, lv, _, _, _, attrs = _kept(run, (p, b, consts, st, data, table, seeds_,
+                                                                              i, lv, batch_size, batch_size, kk_, key),
+                                                                        got, max(kk_, 1))
                             except Unpackable:
                                 held[0] = p
                                 unpack_for_good()
                                 p, b, st = held[:3]
                                 continue
+                            j += got[0]
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
-                            j += max(kk_, 1)
                         finished = True
                     finally:  # what the device holds now, even when a call failed
+                        if len(got) == 2 and got[1][0] is not p:  # a Ctrl-C as the call returned (see _kept)
+                            p, b, st, i, lv, _, _, _, attrs = got[1]
+                            j += got[0]
+                        got.clear()  # (counted)
                         held[:] = [p, b, st, i, lv]
                         eng.count += j - j0
                         if not finished:  # interrupted: these steps are never yielded, so fit cannot count them
@@ -408,6 +435,12 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 j += 1
                 yield loss, out, size, 1, yb
         finally:
+            if len(got) == 2 and got[1][0] is not held[0]:  # a Ctrl-C as a call returned (see _kept): its results are
+                held[:] = got[1][:5]  # the only copies of what it donated; its steps were never counted
+                eng.count += got[0]
+                opt.steps += got[0]
+            if sync and len(got) == 2 and got[1][0] is held[0]:
+                publish(entries, buf_entries, *held[:3])  # (a no-op where call() published already)
             if not sync and pk is None:
                 publish(entries, buf_entries, *held[:3])
             elif not sync and not any(v.is_deleted() for v in held[0]):
@@ -554,9 +587,19 @@ class _Engine:
             self._version = version
         params = {k: p.value for k, p in entries}
         update = self._update_donating if self.state is self._mine else self._update
-        new, self.state = update({k: grads[k] for k in params}, self.state, params,
-                                 self.optimizer.scalars(lr, self.count + 1))
-        self._mine = self.state
+        got: list = []
+        try:
+            new, state = _kept(update, ({k: grads[k] for k in params}, self.state, params,
+                                        self.optimizer.scalars(lr, self.count + 1)), got, 1)
+        except BaseException:
+            if len(got) == 2:  # a Ctrl-C as the call returned (see _kept): it donated the old state
+                self._commit(entries, *got[1])
+                self.optimizer.steps += 1  # (Optimizer.step counts it once this returns)
+            raise
+        self._commit(entries, new, state)
+
+    def _commit(self, entries, new: dict, state: dict) -> None:
+        self.state = self._mine = state
         self.count += 1
         for k, p in entries:
             p.set_value(new[k], trusted=True)
@@ -636,6 +679,19 @@ def make_forward(model):
 
     forward.compiled = run  # exposed so tests can count compilations
     return forward
+
+
+def _kept(run, args: tuple, into: list, steps: int):
+    """``run(*args)``, also left in ``into`` as ``[steps, result]`` the moment it returns (``[steps]`` while it runs,
+    or after it raised). Python raises a Ctrl-C
+    that came during a call when the call returns, before its result is bound to a name; a compiled step's
+    result is then the only copy of the values it was given (donated), so the caller's ``finally`` takes it
+    from ``into``. (``starmap`` calls ``run`` from C, and ``extend`` stores the result before Python checks
+    for signals again.)"""
+    into.clear()
+    into.append(steps)
+    into.extend(starmap(run, (args,)))
+    return into[1]
 
 
 def _adopt_unshared(entries, buf_entries, state: dict, owned: dict) -> None:
