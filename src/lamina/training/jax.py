@@ -300,6 +300,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             held[:3] = pk.unpack_call(held[0])  # new arrays that only Lamina holds
             unpackable(pk, packings)
             pk, run = None, run_indexed
+
         device = next(iter(table.devices()))
         put = lambda a: _committed(jax.device_put(a, device))  # noqa: E731  (jnp.asarray: ~7x the time)
         # one seed per step, drawn once for the epoch (zeros, kept on the device, for a model that draws no
@@ -682,12 +683,11 @@ def make_forward(model):
 
 
 def _kept(run, args: tuple, into: list, steps: int):
-    """``run(*args)``, also left in ``into`` as ``[steps, result]`` the moment it returns (``[steps]`` while it runs,
-    or after it raised). Python raises a Ctrl-C
-    that came during a call when the call returns, before its result is bound to a name; a compiled step's
-    result is then the only copy of the values it was given (donated), so the caller's ``finally`` takes it
-    from ``into``. (``starmap`` calls ``run`` from C, and ``extend`` stores the result before Python checks
-    for signals again.)"""
+    """``run(*args)``, also left in ``into`` as ``[steps, result]`` the moment it returns (``[steps]`` while it
+    runs, or after it raised). Python raises a Ctrl-C that came during a call when the call returns, before its
+    result is bound to a name; a compiled step's result is then the only copy of the values it was given
+    (donated), so the caller's ``finally`` takes it from ``into``. (``starmap`` calls ``run`` from C, and
+    ``extend`` stores the result before Python checks for signals again.)"""
     into.clear()
     into.append(steps)
     into.extend(starmap(run, (args,)))
@@ -770,8 +770,6 @@ def _copy_foreign(tree, owned: dict, host=None):
     for i, a in zip(where, copies):
         leaves[i] = _committed(a)
     return jax.tree_util.tree_unflatten(treedef, leaves), (None if host is None else _committed(host))
-
-
 
 
 def _committed(a):
