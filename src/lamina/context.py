@@ -19,6 +19,10 @@ state                   scope             what it is for
 ``key_scopes``          thread            the random key scopes opened by compiled steps
 ``value_owners``        process           which Parameter holds a given raw array as its value, so that
                                           ``lm.init.normal_(module.weight)`` finds the parameter
+``interrupts``          thread            ``[depth, pending]``: inside ``fit`` (depth > 0) a Ctrl-C in
+                                          the main thread is held back until the step's books agree
+                                          (``interruption_point``); the SIGINT handler is Lamina's only
+                                          while a ``fit`` runs in the main thread
 ======================  ================  =========================================================
 
 Caches that belong to an object the user holds are not global state, but they are listed here so that
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import signal
 import threading
 import weakref
 
@@ -113,6 +118,7 @@ class _Local(threading.local):
     def __init__(self):
         self.pure_frames: list[dict] = []
         self.key_scopes: list[list] = []
+        self.interrupts: list = [0, False]  # [depth of deferring regions, a Ctrl-C waits]
 
 
 _local = _Local()
@@ -126,3 +132,66 @@ def pure_frames() -> list[dict]:
 def key_scopes() -> list[list]:
     """This thread's stack of random key scopes (``[key, draws so far]`` each)."""
     return _local.key_scopes
+
+
+# ----- Ctrl-C while training ---------------------------------------------------------------------------
+def _on_sigint(signum, frame):
+    """Lamina's SIGINT handler while ``fit`` runs: inside a deferring region the Ctrl-C waits for the next
+    ``interruption_point``; a second one, or one outside, raises at once (as Python's own handler does)."""
+    state = _local.interrupts  # (handlers run in the main thread: its state)
+    if state[0] > 0 and not state[1]:
+        state[1] = True
+        return
+    state[1] = False
+    raise KeyboardInterrupt
+
+
+class interrupts_deferred:
+    """A region (``fit``) where a Ctrl-C waits until the books agree: Python raises a signal at any call or loop
+    back-edge, and between a compiled step and the end of its bookkeeping (the model's new values published,
+    the step counted twice: the engine's count, ``opt.steps``) that would leave a model half-updated, or holding
+    arrays the step donated. Installs Lamina's handler only in the main thread and only over Python's default
+    one (another handler is left alone, and then nothing is deferred); ``interruptible()`` opens it again
+    around user code (callbacks), and a second Ctrl-C always raises at once."""
+
+    def __enter__(self):
+        self.installed = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.installed:
+            signal.signal(signal.SIGINT, _on_sigint)
+        _local.interrupts[0] += 1
+        return self
+
+    def __exit__(self, kind, value, tb):
+        state = _local.interrupts
+        state[0] -= 1
+        if self.installed and signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if state[0] == 0 and state[1]:
+            state[1] = False
+            if kind is None:  # (else the region already ends with an exception, a KeyboardInterrupt mostly)
+                raise KeyboardInterrupt
+        return False
+
+
+class interruptible:
+    """Inside an ``interrupts_deferred`` region: user code (a callback, validation), where a Ctrl-C raises at
+    once; one that waits raises on entry."""
+
+    def __enter__(self):
+        interruption_point()
+        state = _local.interrupts
+        self.depth, state[0] = state[0], 0
+        return self
+
+    def __exit__(self, kind, value, tb):
+        _local.interrupts[0] = self.depth
+        return False
+
+
+def interruption_point() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that waited (called where the books agree)."""
+    state = _local.interrupts
+    if state[1]:
+        state[1] = False
+        raise KeyboardInterrupt

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from . import context
 from .backends import backend_of, get_backend
 from .errors import few_names
 from .functional import _python_values
@@ -564,11 +565,14 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
     backend = get_backend(model.backend)
     for cb in callbacks:
         cb.on_train_begin({})
-    with model.mode(True):
+    # a Ctrl-C waits until a step's books agree (its values published, counted by the engine and opt.steps);
+    # callbacks and validation, the user's code, stay interruptible (context.interrupts_deferred)
+    with model.mode(True), context.interrupts_deferred():
         for epoch in range(epochs):
             trainer.epoch = epoch
-            for cb in callbacks:
-                cb.on_epoch_begin(epoch, {})
+            with context.interruptible():
+                for cb in callbacks:
+                    cb.on_epoch_begin(epoch, {})
             totals = {"loss": 0.0, **{_metric_name(m): 0.0 for m in metrics}}
             seen = 0
             shown = (sys.stderr.isatty() if progress is None else progress) and trainer.is_main
@@ -581,31 +585,37 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
             each = bool(metrics) or user_batch_end
             pending, batch = [], 0
             epoch_batches = _epoch(plan, train_data, batch_size, shuffle, rng)
-            for loss_value, out, n, done, yb in _execute(model, step, k, epoch_batches, optimizer, convert,
-                                                         sync=user_batch_end, each=each,
-                                                         after_build=after_build if epoch == 0 else None):
-                seen += n * done
-                drew = bar.update(done)
-                if not each:
-                    pending.append((loss_value, n))
-                    if drew:  # the bar has just drawn itself (tqdm does about every 0.1 s): its next loss
-                        totals["loss"] += _loss_sum(backend, pending)
-                        pending.clear()
-                        bar.set_postfix({"loss": f"{totals['loss'] / seen:.4f}"}, refresh=False)
-                    continue
-                for value in np.asarray(backend.to_numpy(loss_value), np.float64).reshape(-1):
-                    logs = {"loss": float(value)}
-                    for m in metrics:  # (metrics run one batch per call: done == 1)
-                        logs[_metric_name(m)] = _float(m(out, yb))
-                    for key, v in logs.items():
-                        totals[key] += v * n
-                    for cb in callbacks:
-                        cb.on_batch_end(batch, logs)
-                    batch += 1
-                if user_batch_end and forget is not None:
-                    forget()
-                if not bar.disable:
-                    bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
+            items = _execute(model, step, k, epoch_batches, optimizer, convert, sync=user_batch_end, each=each,
+                             after_build=after_build if epoch == 0 else None)
+            try:  # (closed here, while a Ctrl-C waits: the epoch's own finally publishes the model's values)
+                for loss_value, out, n, done, yb in items:
+                    context.interruption_point()  # the step is counted, its values held: a Ctrl-C may land
+                    seen += n * done
+                    drew = bar.update(done)
+                    if not each:
+                        pending.append((loss_value, n))
+                        if drew:  # the bar has just drawn itself (tqdm does about every 0.1 s): its next loss
+                            totals["loss"] += _loss_sum(backend, pending)
+                            pending.clear()
+                            bar.set_postfix({"loss": f"{totals['loss'] / seen:.4f}"}, refresh=False)
+                        continue
+                    for value in np.asarray(backend.to_numpy(loss_value), np.float64).reshape(-1):
+                        logs = {"loss": float(value)}
+                        for m in metrics:  # (metrics run one batch per call: done == 1)
+                            logs[_metric_name(m)] = _float(m(out, yb))
+                        for key, v in logs.items():
+                            totals[key] += v * n
+                        if callbacks:
+                            with context.interruptible():
+                                for cb in callbacks:
+                                    cb.on_batch_end(batch, logs)
+                        batch += 1
+                    if user_batch_end and forget is not None:
+                        forget()
+                    if not bar.disable:
+                        bar.set_postfix({key: f"{totals[key] / seen:.4f}" for key in totals}, refresh=False)
+            finally:
+                items.close()
             if plan is not None:
                 plan.end_epoch()
             if pending:
@@ -626,12 +636,13 @@ def fit(model: Module, loss: Loss, optimizer, train_data, *, epochs: int = 1, ba
                 trainer.epoch = epoch - 1  # the last epoch trained, as callbacks' on_train_end expects
                 break
             logs = {k: v / seen for k, v in totals.items()}
-            if validation_data is not None:
-                logs.update({f"val_{k}": v for k, v in _validate(plan, model, loss, validation_data, metrics,
-                                                                  batch_size).items()})
-            history.record(epoch, logs)
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, logs)
+            with context.interruptible():
+                if validation_data is not None:
+                    logs.update({f"val_{k}": v for k, v in _validate(plan, model, loss, validation_data, metrics,
+                                                                      batch_size).items()})
+                history.record(epoch, logs)
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, logs)
             if forget is not None:
                 forget()
             if plan is not None and plan.world > 1:  # every rank stops together

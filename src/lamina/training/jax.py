@@ -391,7 +391,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                 if not each and j < n_full:  # back to back, nothing to check between calls
                     j0, until = j, time.perf_counter() + 0.1
                     p, b, st, i, lv = held
-                    attrs, finished = None, False
+                    attrs = None
                     got.clear()
                     try:
                         while j < n_full and (j == j0 or time.perf_counter() < until):
@@ -408,16 +408,13 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
                             j += got[0]
                             if uses_keys[0] and seeds_ is fixed.get(len(sizes)):
                                 fresh_seeds()
-                        finished = True
                     finally:  # what the device holds now, even when a call failed
                         if len(got) == 2 and got[1][0] is not p:  # a Ctrl-C as the call returned (see _kept)
                             p, b, st, i, lv, _, _, _, attrs = got[1]
                             j += got[0]
                         got.clear()  # (counted)
                         held[:] = [p, b, st, i, lv]
-                        eng.count += j - j0
-                        if not finished:  # interrupted: these steps are never yielded, so fit cannot count them
-                            opt.steps += j - j0
+                        eng.count += j - j0  # (never yielded when interrupted: the epoch's finally counts them)
                         if attrs:
                             carry_in(attrs, targets)
                         if uses_keys[0] is None and attrs is not None:
@@ -439,7 +436,6 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             if len(got) == 2 and got[1][0] is not held[0]:  # a Ctrl-C as a call returned (see _kept): its results are
                 held[:] = got[1][:5]  # the only copies of what it donated; its steps were never counted
                 eng.count += got[0]
-                opt.steps += got[0]
             if sync and len(got) == 2 and got[1][0] is held[0]:
                 publish(entries, buf_entries, *held[:3])  # (a no-op where call() published already)
             if not sync and pk is None:
@@ -447,8 +443,8 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
             elif not sync and not any(v.is_deleted() for v in held[0]):
                 publish(entries, buf_entries, *pk.unpack_call(held[0]))
             elif not sync:  # interrupted inside a call that donated them: the model keeps the values it had before
-                opt.steps -= eng.count - count0  # the epoch (never donated), and the counts go back with them
-                eng.count = count0
+                eng.count = count0  # the epoch (never donated), and the count goes back with them
+            opt.steps = start + eng.count - count0  # fit's count of the steps whose values the model now holds
             for slot in host:  # the steps that read these buffers wrote this last
                 host[slot][1] = held[4]
             spare.clear()
@@ -590,18 +586,19 @@ class _Engine:
         update = self._update_donating if self.state is self._mine else self._update
         got: list = []
         try:
-            new, state = _kept(update, ({k: grads[k] for k in params}, self.state, params,
-                                        self.optimizer.scalars(lr, self.count + 1)), got, 1)
+            self._commit(entries, *_kept(update, ({k: grads[k] for k in params}, self.state, params,
+                                                  self.optimizer.scalars(lr, self.count + 1)), got, 1))
         except BaseException:
-            if len(got) == 2:  # a Ctrl-C as the call returned (see _kept): it donated the old state
-                self._commit(entries, *got[1])
-                self.optimizer.steps += 1  # (Optimizer.step counts it once this returns)
-            raise
-        self._commit(entries, new, state)
+            if len(got) == 2:  # a Ctrl-C as the call returned (see _kept), or inside _commit: it donated the old
+                self._commit(entries, *got[1])  # state, so the update is finished (a Ctrl-C in a user's own
+                self.optimizer.steps += 1  # loop: no fit defers it), and counted (Optimizer.step would once this
+            raise  # returned)
 
     def _commit(self, entries, new: dict, state: dict) -> None:
-        self.state = self._mine = state
-        self.count += 1
+        """Take an update's new values and state; again after an interrupt, it finishes what is left."""
+        if self.state is not state:
+            self.state = self._mine = state
+            self.count += 1
         for k, p in entries:
             p.set_value(new[k], trusted=True)
 
