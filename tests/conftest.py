@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import linecache
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -102,3 +104,30 @@ def numeric_grad(loss, W: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 def sum_loss(model, x):
     """A scalar loss for gradient tests, written so that it works on every backend."""
     return (model(x) ** 2).sum()
+
+
+def interrupt_at(function: str, nth: int, on: str) -> list:
+    """Raise KeyboardInterrupt (with ``sys.settrace``) the ``nth`` time ``function`` (a name: Lamina's code) is
+    entered (``on="call"``), returns (``on="return"``: in place of its result), or is about to run a line that
+    contains the text ``on``. The caller clears the trace afterwards (``sys.settrace(None)``). Returns the
+    counter of hits."""
+    hits = [0]
+
+    def hit():
+        hits[0] += 1
+        if hits[0] == nth:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != function:
+            return None
+        if event == on == "call" or event == on == "return":
+            hit()
+        elif event == "line" and on not in ("call", "return") and on in linecache.getline(frame.f_code.co_filename,
+                                                                                            frame.f_lineno):
+            hit()
+        return tracer
+
+    sys.settrace(tracer)
+    return hits

@@ -6,7 +6,6 @@ and ``opt.step``."""
 
 from __future__ import annotations
 
-import linecache
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 
 import lamina as lm
 
-from conftest import BACKENDS, TwoInputs
+from conftest import BACKENDS, TwoInputs, interrupt_at
 
 pytestmark = pytest.mark.skipif("jax" not in BACKENDS, reason="jax is not installed")
 
@@ -314,25 +313,6 @@ def test_forward_raising_leaves_the_model_usable(monkeypatch):
     _both(monkeypatch, build, [dict(batch_size=8, steps_per_call=1)])
 
 
-def _interrupt_at(function: str, text: str, nth: int) -> list:
-    """Raise KeyboardInterrupt at the ``nth`` time line ``text`` of ``function`` (training/jax.py) is about to
-    run (``sys.settrace``; if the code changes, update the text). Returns the hit counter."""
-    hits = [0]
-
-    def tracer(frame, event, arg):
-        if frame.f_code.co_name != function:
-            return None
-        if event == "line" and text in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
-            hits[0] += 1
-            if hits[0] == nth:
-                sys.settrace(None)
-                raise KeyboardInterrupt
-        return tracer
-
-    sys.settrace(tracer)
-    return hits
-
-
 def _interrupted(monkeypatch, packed, text, nth, **kw):
     """A fit, then a second one interrupted at ``text`` in ``_epoch``; returns the values right after the
     interrupt, the optimizer's step count, and the values after one more fit."""
@@ -343,7 +323,7 @@ def _interrupted(monkeypatch, packed, text, nth, **kw):
     x, y = _data()
     kw = dict(batch_size=8, progress=False, steps_per_call=1) | kw
     lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
-    hits = _interrupt_at("_epoch", text, nth)
+    hits = interrupt_at("_epoch", nth, text)
     try:
         with pytest.raises(KeyboardInterrupt):
             lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
@@ -381,7 +361,7 @@ def test_interrupt_before_the_back_to_back_loop_keeps_its_results(monkeypatch):
     used = _packing(monkeypatch, True)
     lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
     before = _values(net, opt)
-    hits = _interrupt_at("_epoch", "held[:] = [p, b, st, i, lv]", 1)
+    hits = interrupt_at("_epoch", 1, "held[:] = [p, b, st, i, lv]")
     try:
         with pytest.raises(KeyboardInterrupt):
             lm.fit(net, lm.losses.mse, opt, (x, y), **kw)

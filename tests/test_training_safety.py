@@ -16,7 +16,7 @@ import pytest
 
 import lamina as lm
 
-from conftest import BACKENDS, to_np
+from conftest import BACKENDS, interrupt_at, to_np
 
 jax_only = pytest.mark.skipif("jax" not in BACKENDS, reason="jax not selected")
 torch_only = pytest.mark.skipif("torch" not in BACKENDS, reason="torch not selected")
@@ -176,17 +176,7 @@ def test_jax_fit_interrupted_right_after_a_compiled_step_leaves_the_model_usable
     x, y = _xy()
     kw = dict(batch_size=8, progress=False, metrics=[lm.losses.mse])
     lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
-    entered = [0]
-
-    def tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == "fresh_seeds":
-            entered[0] += 1
-            if entered[0] == 3:
-                sys.settrace(None)
-                raise KeyboardInterrupt
-        return None
-
-    sys.settrace(tracer)
+    entered = interrupt_at("fresh_seeds", 3, "call")
     try:
         with pytest.raises(KeyboardInterrupt):
             lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
@@ -197,26 +187,6 @@ def test_jax_fit_interrupted_right_after_a_compiled_step_leaves_the_model_usable
         np.asarray(v)  # "Array has been deleted" here
     lm.fit(net, lm.losses.mse, opt, (x, y), **kw)
 
-
-
-def _raise_as_kept_returns(nth: int) -> list:
-    """Raise KeyboardInterrupt as ``_kept`` (training/jax.py) returns for the ``nth`` time, in place of its
-    result: what a Ctrl-C that came during a compiled call does (Python raises it as the call returns, before
-    the result is bound to a name). Returns the counter."""
-    hits = [0]
-
-    def tracer(frame, event, arg):
-        if frame.f_code.co_name != "_kept":
-            return None
-        if event == "return":
-            hits[0] += 1
-            if hits[0] == nth:
-                sys.settrace(None)
-                raise KeyboardInterrupt
-        return tracer
-
-    sys.settrace(tracer)
-    return hits
 
 
 _RETURN_PATHS = {  # fit's keywords (or "loop": a user's own loop), and whether to pack a small model's values
@@ -254,7 +224,7 @@ def test_jax_ctrl_c_as_a_compiled_step_returns_keeps_its_results(monkeypatch, pa
         batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 48, 8)]
         grad = lm.value_and_grad(lambda m, xb, yb: lm.losses.mse(m(xb), yb))
         opt.step(grad(net, *batches[0])[1])
-        hits = _raise_as_kept_returns(3)
+        hits = interrupt_at("_kept", 3, "return")
         try:
             with pytest.raises(KeyboardInterrupt):
                 for xb, yb in batches[1:]:
@@ -272,7 +242,7 @@ def test_jax_ctrl_c_as_a_compiled_step_returns_keeps_its_results(monkeypatch, pa
             seen = [(x[order[i:i + 8]], y[order[i:i + 8]]) for i in range(0, 48, 8)] * 2
         kw.update(batch_size=8, progress=False)
         lm.fit(net, lm.losses.mse, opt, data, **kw)
-        hits = _raise_as_kept_returns(3)
+        hits = interrupt_at("_kept", 3, "return")
         try:
             with pytest.raises(KeyboardInterrupt):
                 lm.fit(net, lm.losses.mse, opt, data, **kw)
