@@ -491,9 +491,9 @@ def _half_bias():
 @pytest.mark.parametrize("build", [_half_bias, lambda: (lambda n: (n, lm.optim.SGD(n, lr=0.01), _data()))(
     (lm.manual_seed(0), _Counting())[1])], ids=["float16 parameter, Adam", "buffer write of another dtype"])
 def test_a_step_that_changes_a_dtype_gives_the_unpacked_values(monkeypatch, build):
-    """Packed and unpacked fits agree (dtype and bits) when a step's new value has another dtype than the old one.
-    (Both differ from torch and the eager engine's declared dtype today: the root cause, pre-existing, is that
-    ``_Engine.update_all`` and the step's buffer writes keep XLA's promoted dtype.)"""
+    """Packed and unpacked fits agree (dtype and bits) where a step computes a new value in another dtype than the
+    old one (a float16 parameter's update in float32; a buffer write of another dtype): both keep the old dtype,
+    as torch and an eager assignment do (``_Engine.update_all`` and the step's buffer writes cast back)."""
     _both(monkeypatch, build, [dict(batch_size=8, epochs=2, steps_per_call=1)])
 
 

@@ -353,3 +353,52 @@ def test_the_jax_protective_copy_keeps_every_bit_in_new_buffers():
         assert c.committed and c.devices() == arrays[0].devices()
     for a, c in zip(arrays, copies):
         assert c.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()
+
+
+@jax_only
+@pytest.mark.parametrize("how", ["one step per call", "grouped", "a user's own loop"])
+def test_jax_training_keeps_a_float16_parameter_float16(how):
+    """A float16 bias under Adam (whose scalars are float32) stays float16, and so does its Adam state, as on
+    torch; before, jax promoted both to float32 while ``Parameter.dtype`` still said float16 (and packed and
+    unpacked steps disagreed). The values: a NumPy loop of the same Adam rule (float32 arithmetic, the bias and
+    its moments rounded to float16 after every step), over the same batches."""
+    lm.set_backend("jax")
+    lm.manual_seed(0)
+    net = lm.Linear(4, 1)
+    net.ensure_built(np.zeros((1, 4), np.float32))
+    w0 = to_np(net.weight).copy()
+    net.bias = lm.Parameter(np.full(1, 0.25, np.float16))
+    opt = lm.optim.Adam(net, lr=0.05)
+    r = np.random.default_rng(0)
+    x = r.normal(size=(64, 4)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [0.0]], np.float32) + 3).astype(np.float32)
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 64, 8)]
+    if how == "a user's own loop":
+        grad = lm.value_and_grad(lambda m, xb, yb: lm.losses.mse(m(xb), yb))
+        for xb, yb in batches:
+            opt.step(grad(net, xb, yb)[1])
+    else:
+        lm.fit(net, lm.losses.mse, opt, batches, progress=False, steps_per_call=1 if how.startswith("one") else 4)
+    assert net.get_parameter("bias").dtype == "float16" and to_np(net.bias).dtype == np.float16
+    state = opt.state_dict()
+    assert {np.asarray(state[f"bias/{s}"]).dtype for s in ("exp_avg", "exp_avg_sq")} == {np.dtype(np.float16)}
+    w, b = w0.astype(np.float32), np.float16(0.25)
+    m = {"w": np.zeros_like(w), "b": np.float16(0)}
+    v = {"w": np.zeros_like(w), "b": np.float16(0)}
+    for t, (xb, yb) in enumerate(batches, 1):
+        err = xb @ w + np.float32(b) - yb
+        grads = {"w": (2 / err.size * xb.T @ err).astype(np.float32), "b": np.float32(2 / err.size * err.sum())}
+        s1 = np.float32(0.05 / (1 - 0.9**t))
+        s2 = np.float32((1 - 0.999**t) ** 0.5)
+        for k, g in grads.items():
+            p = w if k == "w" else np.float32(b)
+            mk = np.float32(m[k]) + np.float32(0.1) * (g - np.float32(m[k]))
+            vk = np.float32(v[k]) * np.float32(0.999) + np.float32(0.001) * (g * g)
+            new = p - s1 * (mk / (np.sqrt(vk) / s2 + np.float32(1e-8)))
+            if k == "w":
+                w, m[k], v[k] = new, mk, vk
+            else:
+                b, m[k], v[k] = np.float16(new), np.float16(mk), np.float16(vk)
+    np.testing.assert_allclose(to_np(net.weight), w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(to_np(net.bias).astype(np.float32), np.float32(b), rtol=2e-3, atol=2e-3)
+    assert abs(float(to_np(net.bias)[0]) - 0.25) > 0.1  # it trained

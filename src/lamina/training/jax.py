@@ -69,6 +69,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
 
         (loss, (out, writes, attrs)), grads = jax.value_and_grad(f, has_aux=True)(params)
         attrs = jax.lax.stop_gradient(attrs)
+        writes = {k: v.astype(bufs[k].dtype) if k in bufs else v for k, v in writes.items()}  # (as an eager write)
         params, state = eng.update_all(grads, state, params, scalars)
         return params, {**bufs, **writes}, state, loss, (out if outputs else None), attrs
 
@@ -560,10 +561,14 @@ class _Engine:
         self._version = None  # the structure version ``step`` last checked the entries against
 
     def update_all(self, grads, state, params, scalars):
+        """Each parameter's ``optimizer.update``; the new values and state keep the dtypes they had (the float32
+        scalars would promote a float16 parameter: torch keeps the declared dtype too)."""
         new_params, new_state = {}, {}
         update = self.optimizer.update
         for k, p in params.items():
-            new_params[k], new_state[k] = update(p, grads[k], state[k], scalars, jnp)
+            new, slots = update(p, grads[k], state[k], scalars, jnp)
+            new_params[k] = new.astype(p.dtype)
+            new_state[k] = {s: v.astype(state[k][s].dtype) if s in state[k] else v for s, v in slots.items()}
         return new_params, new_state
 
     def ensure(self, entries):
