@@ -23,7 +23,7 @@ from .. import context, random
 from ..backends import get_backend
 from ..functional import _python_values
 from .base import Grouping, call, carry_in, carry_out, only_held_by, pack_state
-from .jax_packing import Unpackable, packing_for, true_on, unpackable
+from .jax_packing import Unpackable, copied, packing_for, true_on, unpackable
 
 __all__ = ["make_step", "engine", "make_forward", "COMPILE_INFERENCE"]
 
@@ -195,7 +195,7 @@ def make_step(model, loss_fn, optimizer, compile, outputs=True):
         pk = packing_for((params, bufs, state), packings) if pack else None
         if pk is not None:  # (committed, as the step's outputs are: one compilation of pack_call, not two)
             tree = jax.tree_util.tree_map(_committed, (params, bufs, state))
-            device = next(iter(jax.tree_util.tree_leaves(params)[0].devices())) if params else None
+            device = next(iter(jax.tree_util.tree_leaves(tree)[0].devices()))  # (packing_for: one device, all)
             vectors, host = pk.pack_call(tree, true_on(device), host)
             return entries, buf_entries, vectors, None, consts, None, host, pk
         foreign = lambda a: owned.get(id(a)) is not a  # noqa: E731
@@ -783,15 +783,9 @@ def _committed(a):
 
 @jax.jit
 def _selected(arrays, keep, host):
-    """Copies of ``arrays`` in new buffers, and of ``host`` (a NumPy array, or None), on ``keep``'s device."""
-    # a select on a traced True: one fused kernel; XLA runs jnp.copy as a copy per array, twice the time (28 vs
-    # 65 us for the tiny model's 13 arrays). The values are the inputs' bits, NaNs and signed zeros alike. (An
-    # output that is an input as it is would come back uncommitted, without ``keep``'s device.)
-    def copy(a):
-        if jnp.issubdtype(a.dtype, jnp.number) or a.dtype == jnp.bool_:
-            return jnp.where(keep, a, jnp.zeros_like(a))
-        return jnp.copy(a)
-    return [copy(a) for a in arrays], None if host is None else copy(host)
+    """Copies of ``arrays`` in new buffers, and of ``host`` (a NumPy array, or None), on ``keep``'s device
+    (``copied``)."""
+    return [copied(a, keep) for a in arrays], None if host is None else copied(host, keep)
 
 
 @jax.jit
